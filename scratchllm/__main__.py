@@ -1,0 +1,59 @@
+"""`scratchllm <command>` / `python -m scratchllm <command>`: one entry point for every stage and tool.
+
+Each command lives in its own module as `main(argv: list[str]) -> int`; this file only dispatches,
+importing lazily so `scratchllm --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, one-line help). Order follows the data flow.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "tokenizer": ("scratchllm.tokenizer.cli", "train the byte-level BPE tokenizer on the bundled corpus"),
+    "model": ("scratchllm.model.cli", "model info: parameter counts per part and FLOPs per token"),
+    "pretrain": ("scratchllm.train.stages.pretrain", "pretrain a GPT on the bundled text corpus"),
+    "sft": ("scratchllm.train.stages.sft", "supervised fine-tuning on chat conversations"),
+    "reward": ("scratchllm.train.stages.reward", "train a reward model on preference pairs (Bradley-Terry)"),
+    "dpo": ("scratchllm.train.stages.dpo", "direct preference optimisation against a frozen reference"),
+    "ppo": ("scratchllm.train.stages.ppo", "RLHF with PPO against the reward model"),
+    "grpo": ("scratchllm.train.stages.grpo", "GRPO with verifiable rewards"),
+    "distill": ("scratchllm.train.stages.distill", "knowledge distillation from a teacher checkpoint"),
+    "pipeline": ("scratchllm.pipeline", "run every stage end to end and write a report"),
+    "generate": ("scratchllm.infer.generate_cli", "generate text from a checkpoint"),
+    "chat": ("scratchllm.infer.chat_cli", "interactive multi-turn chat with a checkpoint"),
+    "serve": ("scratchllm.infer.server", "OpenAI-compatible HTTP server with a web chat page"),
+    "export": ("scratchllm.export.hf", "export a checkpoint to the Hugging Face format"),
+    "import-hf": ("scratchllm.export.import_hf", "import a local Llama-family Hugging Face checkpoint"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: scratchllm <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    lines += ["", "`scratchllm <command> --help` shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from scratchllm import __version__
+
+        print(__version__)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"scratchllm: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

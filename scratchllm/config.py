@@ -1,0 +1,286 @@
+"""Every knob as a typed dataclass, named presets, and `--section.key=value` overrides.
+
+One dataclass per concern; a preset is a plain Python value. The resolved config is saved as JSON
+beside every artefact (`to_dict` / `from_dict`), so loading a checkpoint needs nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+
+class ConfigError(ValueError):
+    """A user-supplied configuration value is wrong; the message names the flag and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096  # set from the tokenizer at build time; must cover every special token
+    d_model: int = 256  # residual width
+    n_layers: int = 6
+    n_heads: int = 8
+    n_kv_heads: int = 4  # < n_heads = GQA, 1 = MQA, == n_heads = MHA
+    d_ff: int = 0  # SwiGLU hidden width; 0 = auto: 8/3 * d_model rounded up to a multiple of 64 (Llama)
+    max_seq_len: int = 512  # RoPE table and KV-cache length
+    rope_theta: float = 10000.0  # RoPE base (Su et al. 2021, arXiv:2104.09864)
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # small models spend a large share of parameters on embeddings
+    dropout: float = 0.0  # tiny data is seen ~once per run: regularisation rarely pays
+    sliding_window: int = 0  # 0 = full causal attention; else attend to the last `sliding_window` tokens
+    n_experts: int = 0  # 0 = dense SwiGLU MLP; > 0 = Mixture-of-Experts MLP
+    n_experts_active: int = 2  # top-k experts per token when n_experts > 0
+    init_std: float = 0.02  # GPT-2 init; residual projections get init_std / sqrt(2 * n_layers)
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"--model.d_model={self.d_model} must be divisible by --model.n_heads={self.n_heads}"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"--model.n_heads={self.n_heads} must be divisible by --model.n_kv_heads={self.n_kv_heads}"
+            )
+        if (self.d_model // self.n_heads) % 2:
+            raise ConfigError("head dim (--model.d_model / --model.n_heads) must be even for RoPE")
+        for name in ("vocab_size", "n_layers", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--model.{name} must be positive, got {getattr(self, name)}")
+        if self.sliding_window < 0:
+            raise ConfigError("--model.sliding_window must be >= 0 (0 = full attention)")
+        if self.n_experts and not 1 <= self.n_experts_active <= self.n_experts:
+            raise ConfigError("--model.n_experts_active must be in [1, --model.n_experts]")
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def resolved_d_ff(self) -> int:
+        """SwiGLU hidden width: `d_ff`, or 8/3 * d_model rounded up to a multiple of 64 when d_ff == 0."""
+        return self.d_ff or 64 * -(-(8 * self.d_model // 3) // 64)
+
+
+# Model presets: `mini` is the CPU default (~5M parameters with an 8k vocab), `small` ~25-30M,
+# `gpt2` ~124M (GPT-2 small shape, for a GPU), `tiny` is for tests only.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64),
+    "mini": dict(d_model=256, n_layers=6, n_heads=8, n_kv_heads=4, max_seq_len=512),
+    "small": dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=1024),
+    "gpt2": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, max_seq_len=1024, tie_embeddings=True),
+    "medium": dict(d_model=1024, n_layers=24, n_heads=16, n_kv_heads=16, max_seq_len=1024),
+}
+
+
+def model_preset(name: str, **overrides: Any) -> ModelConfig:
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+    return ModelConfig(**{**MODEL_PRESETS[name], **overrides})
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 8192  # merges + 256 bytes + specials; 8k suits a ~10 MB bilingual corpus
+    max_train_bytes: int = 0  # 0 = all; cap the text read for training
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3  # small models tolerate (and need) a high peak lr
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1  # applied to matrices only, never to norms or biases
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global grad-norm clip; 0 disables
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"--optim.lr must be positive, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("--optim.min_lr_ratio must be in [0, 1]")
+
+
+@dataclass
+class LoopConfig:
+    max_steps: int = 1000
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum_steps: int = 1
+    seq_len: int = 256
+    eval_every: int = 100  # steps; 0 = only at the end
+    eval_batches: int = 20
+    checkpoint_every: int = 200  # steps; 0 = only at the end
+    keep_checkpoints: int = 2  # keep the last N checkpoints
+    log_every: int = 10
+    max_bad_steps: int = 5  # this many non-finite steps in a row stop the run
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | mps
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | float32 | bfloat16
+    compile: bool = False  # torch.compile the model (falls back with a warning where unsupported)
+    max_time_s: float = 0.0  # stop after this many seconds of training (0 = no limit)
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum_steps", "seq_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--loop.{name} must be positive, got {getattr(self, name)}")
+        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"--loop.device must be auto|cpu|cuda|mps, got {self.device!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"--loop.dtype must be auto|float32|bfloat16, got {self.dtype!r}")
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 0  # 0 = LoRA off; > 0 = train rank-r adapters only (Hu et al. 2021)
+    alpha: float = 16.0  # update scaled by alpha / r
+    dropout: float = 0.0
+    target_modules: str = "q_proj,v_proj"  # comma-separated name patterns
+
+
+@dataclass
+class SFTConfig:
+    max_len: int = 256  # conversations longer than this are truncated (loss mask follows)
+
+
+@dataclass
+class RewardConfig:
+    margin: float = 0.0  # optional Bradley-Terry margin
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1  # strength of the implicit KL constraint (Rafailov et al. 2023)
+
+
+@dataclass
+class PPOConfig:
+    clip_eps: float = 0.2  # PPO-clip epsilon (Schulman et al. 2017)
+    value_clip_eps: float = 0.2
+    gamma: float = 1.0  # no discounting inside one short reply
+    gae_lambda: float = 0.95
+    kl_coef: float = 0.05  # beta of the per-token KL penalty to the reference
+    ppo_epochs: int = 2
+    rollout_batch: int = 32
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    value_coef: float = 0.5
+    max_kl: float = 10.0  # guard: stop with a message when mean KL passes this
+
+
+@dataclass
+class GRPOConfig:
+    group_size: int = 8  # G samples per prompt
+    prompts_per_step: int = 8
+    clip_eps: float = 0.2
+    kl_coef: float = 0.02  # beta of the k3 KL to the reference
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+
+
+@dataclass
+class DistillConfig:
+    alpha: float = 0.5  # weight of the hard-label CE; 1 - alpha goes to the KL to the teacher
+    temperature: float = 2.0
+
+
+C = TypeVar("C")
+
+
+def _coerce(value: str, annotation: Any, flag: str) -> Any:
+    """Turn the text of `--flag=value` into the field's declared type."""
+    if isinstance(annotation, str):
+        annotation = {"int": int, "float": float, "bool": bool, "str": str}.get(annotation, str)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value.lower() in ("none", "null"):
+            return None
+        annotation = args[0]
+    try:
+        if annotation is bool:
+            lowered = value.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if annotation is int:
+            return int(float(value)) if "e" in value.lower() else int(value)
+        if annotation is float:
+            return float(value)
+        return str(value)
+    except ValueError:
+        raise ConfigError(f"--{flag}={value!r}: expected a value of type {getattr(annotation, '__name__', annotation)}") from None
+
+
+def apply_overrides(sections: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides (leading dashes optional) to a dict of dataclass sections.
+
+    Returns new dataclass instances, so `__post_init__` validation runs on the final values.
+    Unknown sections or keys raise ConfigError listing the valid ones.
+    """
+    pending: dict[str, dict[str, Any]] = {name: {} for name in sections}
+    for raw in overrides:
+        text = raw.lstrip("-")
+        if "=" not in text or "." not in text.split("=", 1)[0]:
+            raise ConfigError(f"override {raw!r} must look like --section.key=value, e.g. --model.n_layers=4")
+        dotted, value = text.split("=", 1)
+        section, key = dotted.split(".", 1)
+        if section not in sections:
+            raise ConfigError(f"unknown config section {section!r} in {raw!r}; valid sections: {sorted(sections)}")
+        cfg = sections[section]
+        hints = typing.get_type_hints(type(cfg))
+        valid = [f.name for f in fields(cfg)]
+        if key not in valid:
+            raise ConfigError(f"unknown key {section}.{key}; valid keys of {section}: {', '.join(valid)}")
+        pending[section][key] = _coerce(value, hints[key], dotted)
+    out = {}
+    for name, cfg in sections.items():
+        out[name] = dataclasses.replace(cfg, **pending[name]) if pending[name] else cfg
+    return out
+
+
+def to_dict(sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: asdict(cfg) for name, cfg in sections.items()}
+
+
+def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+    """Rebuild a dataclass from JSON, ignoring keys a newer/older version added (logged by callers)."""
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def save_json(path: str | Path, data: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+    tmp.replace(path)
+
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "MODEL_PRESETS",
+    "model_preset",
+    "TokenizerConfig",
+    "OptimConfig",
+    "LoopConfig",
+    "LoRAConfig",
+    "SFTConfig",
+    "RewardConfig",
+    "DPOConfig",
+    "PPOConfig",
+    "GRPOConfig",
+    "DistillConfig",
+    "apply_overrides",
+    "to_dict",
+    "from_dict",
+    "save_json",
+]

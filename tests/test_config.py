@@ -1,0 +1,62 @@
+import pytest
+
+from scratchllm.config import (
+    ConfigError,
+    LoopConfig,
+    ModelConfig,
+    OptimConfig,
+    apply_overrides,
+    from_dict,
+    model_preset,
+    to_dict,
+)
+
+
+def test_overrides_are_coerced_to_field_types() -> None:
+    out = apply_overrides(
+        {"model": model_preset("mini"), "optim": OptimConfig(), "loop": LoopConfig()},
+        ["--model.n_layers=4", "optim.lr=1e-3", "--loop.compile=true", "--model.rope_theta=500000"],
+    )
+    assert out["model"].n_layers == 4 and isinstance(out["model"].n_layers, int)
+    assert out["optim"].lr == pytest.approx(1e-3)
+    assert out["loop"].compile is True
+    assert out["model"].rope_theta == 500000.0
+
+
+def test_unknown_key_lists_valid_keys() -> None:
+    with pytest.raises(ConfigError, match="valid keys of model: vocab_size, d_model"):
+        apply_overrides({"model": ModelConfig()}, ["--model.n_layer=4"])
+    with pytest.raises(ConfigError, match="valid sections"):
+        apply_overrides({"model": ModelConfig()}, ["--modle.n_layers=4"])
+
+
+def test_bad_value_names_flag() -> None:
+    with pytest.raises(ConfigError, match="--model.n_layers"):
+        apply_overrides({"model": ModelConfig()}, ["--model.n_layers=four"])
+    with pytest.raises(ConfigError, match="--section.key=value"):
+        apply_overrides({"model": ModelConfig()}, ["n_layers=4"])
+
+
+def test_validation_names_the_flag() -> None:
+    with pytest.raises(ConfigError, match="--model.n_kv_heads"):
+        ModelConfig(n_heads=8, n_kv_heads=3)
+    with pytest.raises(ConfigError, match="--model.n_heads"):
+        apply_overrides({"model": ModelConfig()}, ["--model.d_model=100"])
+    with pytest.raises(ConfigError, match="--loop.device"):
+        LoopConfig(device="tpu")
+
+
+def test_auto_d_ff_follows_overridden_width() -> None:
+    cfg = apply_overrides({"model": model_preset("mini")}, ["--model.d_model=512"])["model"]
+    assert cfg.resolved_d_ff == 64 * -(-(8 * 512 // 3) // 64)
+    assert cfg.resolved_d_ff % 64 == 0 and cfg.resolved_d_ff >= 8 * 512 // 3
+
+
+def test_json_round_trip() -> None:
+    cfg = model_preset("small")
+    assert from_dict(ModelConfig, to_dict({"m": cfg})["m"]) == cfg
+
+
+def test_unknown_preset() -> None:
+    with pytest.raises(ConfigError, match="choose one of"):
+        model_preset("huge")
