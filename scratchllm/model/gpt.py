@@ -1,0 +1,110 @@
+"""The GPT: token ids -> embed_tokens -> N pre-norm blocks -> norm -> lm_head -> logits.
+
+A Llama-family decoder (RMSNorm, RoPE, SwiGLU, GQA) whose parameter names match Hugging Face's
+`LlamaForCausalLM` minus its `model.` prefix; a test holds our logits equal to theirs on shared weights.
+Initialisation follows GPT-2 (Radford et al. 2019): N(0, 0.02), residual projections scaled by 1/√(2·L).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from scratchllm.config import ModelConfig
+from scratchllm.model.kv_cache import KVCache
+from scratchllm.model.layers import Block, RMSNorm, RotaryEmbedding
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config.d_head, config.max_seq_len, config.rope_theta)
+        self.embed_dropout = nn.Dropout(config.dropout)
+        self.apply(self._init_weights)
+        residual_std = config.init_std / math.sqrt(2 * config.n_layers)
+        for name, param in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(param, mean=0.0, std=residual_std)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+
+    def _attention_mask(
+        self, T: int, past: int, attention_mask: Tensor | None, device: torch.device
+    ) -> Tensor | None:
+        """Boolean (B|1, 1, T, past+T) mask, True = may attend; None means plain causal (SDPA fast path)."""
+        window = self.config.sliding_window
+        if attention_mask is None and past == 0 and not window:
+            return None
+        q_idx = torch.arange(past, past + T, device=device)[:, None]
+        k_idx = torch.arange(past + T, device=device)[None, :]
+        mask = k_idx <= q_idx  # (T, past+T) causal in cache coordinates
+        if window:
+            mask = mask & (q_idx - k_idx < window)
+        mask = mask[None, None]  # (1, 1, T, past+T)
+        if attention_mask is not None:
+            # subtle: a padding query would see no key at all (NaN softmax); let it see itself instead.
+            keys_ok = attention_mask[:, None, None, : past + T].bool()
+            mask = (mask & keys_ok) | (q_idx == k_idx)[None, None]
+        return mask
+
+    def forward_hidden(
+        self,
+        ids: Tensor,
+        kv_cache: KVCache | None = None,
+        positions: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """ids (B, T) -> final-normed hidden states (B, T, d_model).
+
+        attention_mask (B, past+T), True = real token, covers the cached positions too (left padding).
+        """
+        B, T = ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if positions is None:
+            if attention_mask is not None:  # positions count real tokens only, so left padding is invisible
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past : past + T]
+            else:
+                positions = torch.arange(past, past + T, device=ids.device).expand(B, T)
+        if int(positions.max()) >= self.config.max_seq_len:
+            raise ValueError(f"position {int(positions.max())} exceeds --model.max_seq_len={self.config.max_seq_len}")
+        cos, sin = self.rotary(positions)
+        mask = self._attention_mask(T, past, attention_mask, ids.device)
+        x = self.embed_dropout(self.embed_tokens(ids))
+        for block in self.layers:
+            x = block(x, cos, sin, mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.norm(x)
+
+    def forward(
+        self,
+        ids: Tensor,
+        kv_cache: KVCache | None = None,
+        positions: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """ids (B, T) -> logits (B, T, V) in float32."""
+        return self.lm_head(self.forward_hidden(ids, kv_cache, positions, attention_mask)).float()
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once by parameters()
+        if exclude_embeddings:
+            n -= self.embed_tokens.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def set_attention_impl(self, use_sdpa: bool) -> None:
+        for block in self.layers:
+            block.self_attn.use_sdpa = use_sdpa
