@@ -1,0 +1,90 @@
+"""Batched generation over token ids with the KV cache: prefill once, then one token per step per row.
+
+Knows nothing about text (nanochat's engine contract): ids in, ids out. Prompts of different lengths are
+left-padded and masked, so a batch gives the same tokens as running each prompt alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from scratchllm.infer.sampling import SamplingParams, process_logits, sample
+from scratchllm.model.gpt import GPT
+from scratchllm.model.kv_cache import KVCache
+
+
+@dataclass
+class Step:
+    tokens: Tensor  # (B,) the token chosen for each row this step (meaningless where `active` is False)
+    active: Tensor  # (B,) bool: the row was still generating when this token was chosen
+    finished: Tensor  # (B,) bool: the row has stopped (after this step)
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    params: SamplingParams | None = None,
+    stop_ids: set[int] | frozenset[int] = frozenset(),
+    seed: int | None = None,
+    pad_id: int = 0,
+) -> Iterator[Step]:
+    """Yield one `Step` per generated position until every row stopped or max_new_tokens is reached."""
+    params = params or SamplingParams()
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = next(model.parameters()).device
+    B, longest = len(prompts), max(len(p) for p in prompts)
+    budget = min(max_new_tokens, model.config.max_seq_len - longest)
+    if budget <= 0:
+        raise ValueError(f"prompt of {longest} tokens leaves no room in max_seq_len={model.config.max_seq_len}")
+    ids = torch.full((B, longest), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(B, longest + budget, dtype=torch.bool, device=device)
+    for row, prompt in enumerate(prompts):  # left padding: every prompt ends at the same index
+        ids[row, longest - len(prompt) :] = torch.tensor(prompt, device=device)
+        mask[row, longest - len(prompt) : longest] = True
+    V = model.config.vocab_size
+    counts = torch.zeros(B, V, device=device)  # generated-token counts for the penalties
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    cache = KVCache(model.config, B, longest + budget, device=device, dtype=next(model.parameters()).dtype)
+    logits = model(ids, kv_cache=cache, attention_mask=mask[:, :longest])[:, -1]
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    for step in range(budget):
+        next_ids = sample(process_logits(logits, counts, params), params, generator)
+        active = ~finished
+        next_ids = torch.where(active, next_ids, torch.full_like(next_ids, pad_id))
+        counts[active, next_ids[active]] += 1
+        finished = finished | (active & torch.isin(next_ids, stop))
+        yield Step(next_ids, active, finished.clone())
+        if bool(finished.all()) or step == budget - 1:
+            return
+        mask[:, longest + step] = active  # finished rows feed padding that nobody attends to
+        logits = model(next_ids[:, None], kv_cache=cache, attention_mask=mask[:, : longest + step + 1])[:, -1]
+
+
+def generate_batch(
+    model: GPT,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    params: SamplingParams | None = None,
+    stop_ids: set[int] | frozenset[int] = frozenset(),
+    seed: int | None = None,
+    pad_id: int = 0,
+) -> tuple[list[list[int]], list[bool]]:
+    """All generated ids per row (including the stop token if one was hit) and whether each row stopped."""
+    out: list[list[int]] = [[] for _ in prompts]
+    stopped = [False] * len(prompts)
+    for step in generate(model, prompts, max_new_tokens, params, stop_ids, seed, pad_id):
+        for row in range(len(prompts)):
+            if step.active[row]:
+                out[row].append(int(step.tokens[row]))
+        stopped = [bool(f) for f in step.finished]
+    return out, stopped

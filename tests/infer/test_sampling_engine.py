@@ -1,0 +1,105 @@
+"""Sampling filters keep exactly the right support; batched generation equals generating alone."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from scratchllm.config import model_preset
+from scratchllm.infer.engine import generate_batch
+from scratchllm.infer.sampling import (
+    SamplingParams,
+    apply_presence_frequency,
+    apply_repetition_penalty,
+    min_p_filter,
+    process_logits,
+    sample,
+    top_k_filter,
+    top_p_filter,
+)
+from scratchllm.model.gpt import GPT
+
+PROBS = torch.tensor([[0.5, 0.25, 0.15, 0.07, 0.03]])
+LOGITS = PROBS.log()
+
+
+def _support(logits: torch.Tensor) -> list[int]:
+    return torch.isfinite(logits[0]).nonzero().flatten().tolist()
+
+
+def test_top_k_support() -> None:
+    assert _support(top_k_filter(LOGITS, 2)) == [0, 1]
+    assert _support(top_k_filter(LOGITS, 0)) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(("p", "expected"), [(0.5, [0]), (0.6, [0, 1]), (0.75, [0, 1]), (0.76, [0, 1, 2]), (1.0, [0, 1, 2, 3, 4])])
+def test_top_p_support(p: float, expected: list[int]) -> None:
+    assert _support(top_p_filter(LOGITS, p)) == expected
+
+
+def test_min_p_support() -> None:
+    assert _support(min_p_filter(LOGITS, 0.3)) == [0, 1, 2]  # keep p >= 0.15
+    assert _support(min_p_filter(LOGITS, 0.5)) == [0, 1]
+
+
+def test_penalties() -> None:
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    counts = torch.tensor([[1.0, 2.0, 0.0]])
+    assert torch.allclose(apply_repetition_penalty(logits, counts, 2.0), torch.tensor([[1.0, -4.0, 1.0]]))
+    assert torch.allclose(apply_presence_frequency(logits, counts, 0.5, 0.25), torch.tensor([[1.25, -3.0, 1.0]]))
+
+
+def test_low_temperature_equals_greedy_and_seed_reproduces() -> None:
+    logits = torch.randn(4, 30)
+    counts = torch.zeros(4, 30)
+    greedy = sample(process_logits(logits, counts, SamplingParams(temperature=0)), SamplingParams(temperature=0))
+    cold = SamplingParams(temperature=1e-4)
+    assert torch.equal(sample(process_logits(logits, counts, cold), cold), greedy)
+    warm = SamplingParams(temperature=1.0)
+    a = sample(logits, warm, torch.Generator().manual_seed(3))
+    b = sample(logits, warm, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_invalid_params_rejected() -> None:
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(model_preset("tiny", vocab_size=60)).eval()
+
+
+def test_batched_generation_equals_alone(model: GPT) -> None:
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+    greedy = SamplingParams(temperature=0)
+    batch, _ = generate_batch(model, prompts, 12, greedy)
+    alone = [generate_batch(model, [p], 12, greedy)[0][0] for p in prompts]
+    assert batch == alone
+
+
+def test_stop_ids_and_seeded_sampling(model: GPT) -> None:
+    out, stopped = generate_batch(model, [[1, 2]], 30, SamplingParams(temperature=0))
+    first = out[0][3]
+    out, stopped = generate_batch(model, [[1, 2]], 30, SamplingParams(temperature=0), stop_ids={first})
+    assert out[0][-1] == first and stopped == [True] and len(out[0]) <= 4
+    a, _ = generate_batch(model, [[1, 2], [3]], 15, SamplingParams(temperature=1.0), seed=7)
+    b, _ = generate_batch(model, [[1, 2], [3]], 15, SamplingParams(temperature=1.0), seed=7)
+    assert a == b
+
+
+def test_kv_cache_makes_generation_match_recompute(model: GPT) -> None:
+    prompt = [5, 6, 7]
+    out, _ = generate_batch(model, [prompt], 10, SamplingParams(temperature=0))
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(10):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert out[0] == ids[len(prompt) :]
+    assert math.isfinite(float(model(torch.tensor([ids])).sum()))
