@@ -1,0 +1,217 @@
+"""Checkpoints: safetensors weights + JSON everything else; atomic writes; exact resume; never unpickles.
+
+A *model directory* (`final/`, or anything `load_model` reads) holds `model.safetensors`, `config.json` and
+`tokenizer.json`. A *training checkpoint* (`checkpoints/step_XXXXXX/`) adds the optimizer state, the step,
+RNG states and the stage's data position, so `--resume` continues bit for bit. Every write goes to a
+temporary directory that is renamed into place (minimind's pattern), so a killed run leaves the last
+checkpoint loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from scratchllm.config import ModelConfig, from_dict
+from scratchllm.model.gpt import GPT
+from scratchllm.tokenizer.bpe import Tokenizer
+
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or from an incompatible version."""
+
+
+def _atomic_dir(final: Path) -> Path:
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _commit_dir(tmp: Path, final: Path) -> None:
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict ready for safetensors: tied lm_head dropped (shared storage cannot be saved twice)."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if isinstance(model, GPT) and model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def write_model_files(directory: Path, model: GPT, tokenizer: Tokenizer | None, sections: dict[str, Any]) -> None:
+    save_file(model_tensors(model), str(directory / "model.safetensors"))
+    meta = {"format_version": CHECKPOINT_VERSION, **sections, "model": _model_config_dict(model)}
+    (directory / "config.json").write_text(json.dumps(meta, indent=2, default=str))
+    if tokenizer is not None:
+        tokenizer.save(directory / "tokenizer.json")
+
+
+def _model_config_dict(model: GPT) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(model.config)
+
+
+def save_model(directory: str | Path, model: GPT, tokenizer: Tokenizer | None, config_sections: dict[str, Any]) -> Path:
+    """Write a model directory atomically."""
+    directory = Path(directory)
+    tmp = _atomic_dir(directory)
+    write_model_files(tmp, unwrap(model), tokenizer, config_sections)
+    _commit_dir(tmp, directory)
+    return directory
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, dict[str, Any]]:
+    """Model directory (or training checkpoint) -> (GPT in eval mode, Tokenizer, resolved config dict)."""
+    path = Path(path)
+    config_path, weights_path = path / "config.json", path / "model.safetensors"
+    if not config_path.exists() or not weights_path.exists():
+        raise CheckpointError(f"{path}: not a model directory (needs config.json and model.safetensors)")
+    config = json.loads(config_path.read_text())
+    if config.get("format_version", 1) > CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: written by a newer scratchllm (format {config['format_version']})")
+    model = GPT(from_dict(ModelConfig, config["model"]))
+    state = load_file(str(weights_path))  # safetensors: tensors only, no code is ever executed
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    allowed_missing = {"lm_head.weight"} if model.config.tie_embeddings else set()
+    if unexpected or set(missing) - allowed_missing:
+        raise CheckpointError(f"{path}: weights do not match the config (missing {missing}, unexpected {unexpected})")
+    tokenizer = Tokenizer.load(path / "tokenizer.json")
+    return model.to(device).eval(), tokenizer, config
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module  # DDP
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod  # torch.compile
+        else:
+            return model
+
+
+# ---- training checkpoints --------------------------------------------------------------------------
+def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for param_id, param_state in state["state"].items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"{param_id}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(param_id), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        param_id, key = name.split(".", 1)
+        state.setdefault(int(param_id), {})[key] = value
+    for param_id, values in meta["scalars"].items():
+        state.setdefault(int(param_id), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    np_state = np.random.get_state()
+    meta = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_training_checkpoint(
+    checkpoints_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loop_state: dict[str, Any],
+    tokenizer: Tokenizer | None,
+    config_sections: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write `step_XXXXXX/` atomically, point `latest` at it, keep the newest `keep` checkpoints."""
+    final = checkpoints_dir / f"step_{step:06d}"
+    tmp = _atomic_dir(final)
+    inner = unwrap(model)
+    if isinstance(inner, GPT):
+        write_model_files(tmp, inner, tokenizer, config_sections)
+    else:  # wrapped models (reward/value heads) save their full state dict
+        save_file(model_tensors(inner), str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps({"format_version": CHECKPOINT_VERSION, **config_sections}, default=str))
+    opt_tensors, opt_meta = _optimizer_to_files(optimizer)
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    rng_tensors, rng_meta = rng_state()
+    save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    state = {"version": CHECKPOINT_VERSION, "step": step, "optimizer": opt_meta, "rng": rng_meta, **loop_state}
+    (tmp / "state.json").write_text(json.dumps(state, default=str))
+    _commit_dir(tmp, final)
+    pointer_tmp = checkpoints_dir / "latest.tmp"
+    pointer_tmp.write_text(final.name)
+    os.replace(pointer_tmp, checkpoints_dir / "latest")
+    for old in sorted(checkpoints_dir.glob("step_*"))[:-keep] if keep > 0 else []:
+        if old.suffix not in (".tmp", ".old"):
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    pointer = checkpoints_dir / "latest"
+    if not pointer.exists():
+        return None
+    path = checkpoints_dir / pointer.read_text().strip()
+    return path if (path / "state.json").exists() else None
+
+
+def load_training_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore weights, optimizer and RNG in place; return the loop state (step, stage data position, …)."""
+    state = json.loads((path / "state.json").read_text())
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {state.get('version')} cannot be resumed by this build")
+    inner = unwrap(model)
+    weights = load_file(str(path / "model.safetensors"))
+    missing, unexpected = inner.load_state_dict(weights, strict=False)
+    tied = {"lm_head.weight"} if isinstance(inner, GPT) and inner.config.tie_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise CheckpointError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+    _optimizer_from_files(optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+    set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
+    return state

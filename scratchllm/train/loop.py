@@ -1,0 +1,224 @@
+"""THE training loop. Every stage (pretrain, SFT, reward, DPO, PPO, GRPO, distill) runs through `train`.
+
+A stage supplies data (`batches`), a loss and its held-out metric (`evaluate`); the loop owns everything
+else: device and autocast, accumulation (DDP sync on the last micro-step only), clipping, the schedule,
+skipping non-finite steps, progress bar, TensorBoard + metrics.jsonl, evaluation, atomic checkpoints and
+exact resume. It never names a stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from scratchllm.config import LoopConfig, OptimConfig
+from scratchllm.train import distributed as dist
+from scratchllm.train.checkpoint import (
+    latest_checkpoint,
+    load_training_checkpoint,
+    save_training_checkpoint,
+    unwrap,
+)
+from scratchllm.train.optim import build_optimizer, lr_at
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row: the run stops instead of writing NaNs into the weights."""
+
+
+@runtime_checkable
+class Stage(Protocol):
+    name: str
+
+    def batches(self, split: str) -> Iterator[dict[str, Tensor]]: ...  # PPO/GRPO: rollouts happen here
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]: ...
+    def evaluate(self, model: nn.Module) -> dict[str, float]: ...  # the stage's headline numbers, held out
+
+
+def resolve_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast_for(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA by default (float32 master weights); float32 elsewhere unless asked."""
+    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class MetricsLog:
+    """metrics.jsonl + TensorBoard, written by rank 0 only."""
+
+    def __init__(self, stage_dir: Path) -> None:
+        self.enabled = dist.is_main()
+        self.path = stage_dir / "metrics.jsonl"
+        self.writer = None
+        if self.enabled:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(stage_dir / "tensorboard"))
+            except ImportError:  # TensorBoard is optional; metrics.jsonl is always written
+                self.writer = None
+
+    def write(self, step: int, split: str, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(f"{split}/{key}", value, step)
+            self.writer.flush()
+
+
+def train(
+    model: nn.Module,
+    stage: Stage,
+    optim: OptimConfig,
+    loop: LoopConfig,
+    run_dir: Path,
+    resume: bool = False,
+    tokenizer: Any = None,
+    config_sections: dict[str, Any] | None = None,
+    sample_prompts: list[str] | None = None,
+) -> dict[str, float]:
+    """Train `model` on `stage` in `run_dir` (= runs/<name>/<stage>); return the final held-out metrics."""
+    device = resolve_device(loop.device)
+    dist.init_from_env(device.type)
+    torch.manual_seed(loop.seed)
+    model.to(device)
+    named = list(stage.trainable_parameters(model)) if hasattr(stage, "trainable_parameters") else [
+        (n, p) for n, p in model.named_parameters() if p.requires_grad
+    ]
+    params = [p for _, p in named]
+    optimizer = build_optimizer(named, optim, device)
+    sections = config_sections or {}
+    checkpoints = run_dir / "checkpoints"
+    log = MetricsLog(run_dir)
+    step, skipped, train_seconds = 0, 0, 0.0
+    if resume and (ckpt := latest_checkpoint(checkpoints)) is not None:
+        state = load_training_checkpoint(ckpt, model, optimizer)
+        step, skipped, train_seconds = state["step"], state.get("skipped", 0), state.get("train_seconds", 0.0)
+        if hasattr(stage, "load_state_dict") and "stage" in state:
+            stage.load_state_dict(state["stage"])
+        print(f"[{stage.name}] resumed from {ckpt} at step {step}")
+    engine = dist.wrap(model, device)
+    if loop.compile:
+        try:
+            engine = torch.compile(engine)
+        except Exception as err:  # e.g. Windows without a compiler: eager still trains correctly
+            print(f"[{stage.name}] torch.compile unavailable ({err}); continuing in eager mode")
+
+    def checkpoint() -> None:
+        if dist.is_main():
+            loop_state = {"skipped": skipped, "train_seconds": train_seconds}
+            if hasattr(stage, "state_dict"):
+                loop_state["stage"] = stage.state_dict()
+            save_training_checkpoint(checkpoints, step, model, optimizer, loop_state, tokenizer, sections, loop.keep_checkpoints)
+
+    def evaluate() -> dict[str, float]:
+        unwrap(engine).eval()
+        with torch.no_grad(), autocast_for(device, loop.dtype):
+            metrics = stage.evaluate(unwrap(engine))
+        unwrap(engine).train()
+        log.write(step, "eval", metrics)
+        return metrics
+
+    if step == 0:
+        evaluate()  # the "before" number every stage is judged against
+    train_iter = stage.batches("train")
+    bar = tqdm(total=loop.max_steps, initial=step, desc=stage.name, disable=not dist.is_main(), dynamic_ncols=True)
+    bad_streak, tokens_seen = 0, 0
+    engine.train()
+    try:
+        while step < loop.max_steps:
+            tick = time.perf_counter()
+            progress = step / loop.max_steps
+            if loop.max_time_s > 0:  # the cosine ends at the time budget when that comes first
+                progress = max(progress, train_seconds / loop.max_time_s)
+            lr = lr_at(progress, step, optim)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum, stats_sum, step_tokens = 0.0, {}, 0
+            for micro in range(loop.grad_accum_steps):
+                batch = _to(next(train_iter), device)
+                with dist.no_sync_unless(engine, micro == loop.grad_accum_steps - 1), autocast_for(device, loop.dtype):
+                    loss, stats = stage.loss(engine, batch)
+                (loss / loop.grad_accum_steps).backward()
+                loss_sum += loss.item() / loop.grad_accum_steps
+                for key, value in stats.items():
+                    stats_sum[key] = stats_sum.get(key, 0.0) + value / loop.grad_accum_steps
+                step_tokens += stage.tokens_in(batch) if hasattr(stage, "tokens_in") else 0
+            clip = optim.grad_clip if optim.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)  # the bad step never reaches the weights
+                skipped += 1
+                bad_streak += 1
+                log.write(step, "train", {"skipped_nonfinite": skipped})
+                if bad_streak >= loop.max_bad_steps:
+                    raise TrainingDiverged(
+                        f"[{stage.name}] {bad_streak} non-finite steps in a row at step {step} (loss={loss_sum}, "
+                        f"grad_norm={grad_norm}). Try a lower --optim.lr, --loop.dtype=float32, or check the data."
+                    )
+                continue
+            bad_streak = 0
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = time.perf_counter() - tick
+            train_seconds += elapsed
+            tokens_seen += step_tokens
+            row = {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, **stats_sum}
+            if step_tokens:
+                row["tokens_per_s"] = step_tokens * dist.world_size() / max(elapsed, 1e-9)
+            if step % loop.log_every == 0 or step == 1:
+                log.write(step, "train", row)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}", **({"tok/s": f"{row['tokens_per_s']:.0f}"} if step_tokens else {}))
+            bar.update(1)
+            if loop.eval_every and step % loop.eval_every == 0 and step < loop.max_steps:
+                evaluate()
+            if loop.checkpoint_every and step % loop.checkpoint_every == 0:
+                checkpoint()
+            if loop.max_time_s > 0 and train_seconds >= loop.max_time_s:
+                print(f"\n[{stage.name}] time budget of {loop.max_time_s:.0f}s reached at step {step}")
+                break
+    except KeyboardInterrupt:
+        print(f"\n[{stage.name}] interrupted: saving a checkpoint at step {step} (resume with --resume)")
+        checkpoint()
+        raise
+    finally:
+        bar.close()
+    metrics = evaluate()
+    checkpoint()
+    if dist.is_main():
+        final_dir = run_dir / "final"
+        if hasattr(stage, "save_final"):
+            stage.save_final(unwrap(engine), final_dir)
+        else:
+            from scratchllm.train.checkpoint import save_model
+
+            save_model(final_dir, unwrap(engine), tokenizer, sections)
+    return {**metrics, "steps": step, "skipped_steps": skipped, "train_seconds": round(train_seconds, 1)}

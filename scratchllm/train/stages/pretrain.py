@@ -1,0 +1,131 @@
+"""Pretraining: next-token cross-entropy on the bundled text; headline metric = held-out bits-per-byte.
+
+Data: corpus/pretrain/{train,val}/*.txt -> token shards (built once per tokenizer) -> random windows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from scratchllm.config import LoopConfig, OptimConfig, model_preset
+from scratchllm.data.batches import LMWindows, sequential_windows
+from scratchllm.data.shards import ShardError, build_shard, load_shard
+from scratchllm.eval.metrics import evaluate_lm, token_byte_lengths
+from scratchllm.model.gpt import GPT
+from scratchllm.tokenizer.bpe import Tokenizer
+from scratchllm.train.loop import train
+from scratchllm.train.losses import cross_entropy_loss
+from scratchllm.train.stages.runner import base_sections, finish, resolve_sections, stage_main
+
+# Defaults measured on 2 CPU cores for the `mini` preset (see README "Pretraining").
+DEFAULT_LOOP = LoopConfig(max_steps=2000, batch_size=16, seq_len=256, eval_every=200, eval_batches=16,
+                          checkpoint_every=200, max_time_s=300)
+DEFAULT_OPTIM = OptimConfig(lr=3e-3, warmup_steps=30, weight_decay=0.1, min_lr_ratio=0.1)
+
+
+class PretrainStage:
+    name = "pretrain"
+
+    def __init__(self, train_tokens, val_tokens, tokenizer: Tokenizer, loop: LoopConfig) -> None:
+        self.windows = LMWindows(train_tokens, loop.seq_len, loop.batch_size, seed=loop.seed)
+        self.val_tokens, self.loop = val_tokens, loop
+        self.token_bytes = token_byte_lengths(tokenizer, tokenizer.vocab_size)
+
+    def batches(self, split: str) -> Iterator[dict[str, Tensor]]:
+        return iter(self.windows)
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        return cross_entropy_loss(model(batch["ids"]), batch["targets"]), {}
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        batches = sequential_windows(self.val_tokens, self.loop.seq_len, self.loop.batch_size, self.loop.eval_batches)
+        return evaluate_lm(model, batches, self.token_bytes)
+
+    def tokens_in(self, batch: dict[str, Tensor]) -> int:
+        return batch["ids"].numel()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.windows.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.windows.position = state["position"]
+
+
+def shard_for(split_dir: Path, tokenizer: Tokenizer, cache_dir: Path):
+    """Build (or reuse, if made with this tokenizer) the shard for one split."""
+    path = cache_dir / f"{split_dir.name}.bin"
+    if path.exists():
+        try:
+            return load_shard(path, tokenizer)[0]
+        except ShardError as err:
+            print(f"[pretrain] rebuilding stale shard: {err}")
+    files = sorted(split_dir.glob("*.txt"))
+    if not files:
+        raise FileNotFoundError(f"no .txt files in {split_dir}; build the corpus with scripts/build_corpus.py")
+    build_shard(files, tokenizer, path, num_workers=2)
+    return load_shard(path, tokenizer)[0]
+
+
+def run(
+    run_root: Path,
+    init: Path | None = None,
+    preset: str = "mini",
+    tokenizer: Path | None = None,
+    data_dir: Path = Path("corpus/pretrain"),
+    overrides: list[str] | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Pretrain a GPT from scratch (or continue from --init) on text files."""
+    started = time.perf_counter()
+    stage_dir = Path(run_root) / "pretrain"
+    if tokenizer is None:
+        from scratchllm.tokenizer.cli import train_tokenizer_from_files
+
+        tokenizer = Path(run_root) / "tokenizer" / "tokenizer.json"
+        train_tokenizer_from_files(sorted((data_dir / "train").glob("*.txt")), 4096, tokenizer)
+    tok = Tokenizer.load(tokenizer)
+    sections = resolve_sections(
+        base_sections(DEFAULT_LOOP, DEFAULT_OPTIM, model=model_preset(preset, vocab_size=tok.vocab_size)), overrides
+    )
+    if init is not None:
+        from scratchllm.train.checkpoint import load_model
+
+        model, tok, _ = load_model(init)
+        sections["model"] = model.config
+    else:
+        model = GPT(sections["model"])
+    loop = sections["loop"]
+    if loop.seq_len > sections["model"].max_seq_len:
+        raise ValueError(f"--loop.seq_len={loop.seq_len} exceeds --model.max_seq_len={sections['model'].max_seq_len}")
+    cache = stage_dir / "shards"
+    stage = PretrainStage(shard_for(data_dir / "train", tok, cache), shard_for(data_dir / "val", tok, cache), tok, loop)
+    print(f"[pretrain] {model.num_params() / 1e6:.2f}M parameters, {len(stage.windows.tokens) / 1e6:.2f}M train tokens")
+    metrics = train(model, stage, sections["optim"], loop, stage_dir, resume=resume, tokenizer=tok, config_sections=sections)
+    return finish(stage_dir, metrics, sections, started)
+
+
+def _args(parser) -> None:
+    parser.add_argument("--preset", default="mini")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.json (default: train one)")
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--init", type=Path, default=None)
+    known, rest = pre.parse_known_args(argv)
+
+    def run_with_init(run_root, overrides=None, resume=False, **kw):
+        return run(run_root, known.init, overrides=overrides, resume=resume, **kw)
+
+    run_with_init.__doc__ = run.__doc__
+    return stage_main(rest, "pretrain", run_with_init, needs_init=False, extra_args=_args)
+
+
+

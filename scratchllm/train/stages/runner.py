@@ -1,0 +1,73 @@
+"""Plumbing every stage command shares: common flags, config sections with overrides, summary.json.
+
+A stage module defines `run(...)` (called in-process by the pipeline) and a `main(argv)` built from
+`stage_main`, so `scratchllm sft --init … --loop.max_steps=50` and the pipeline take the same path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from scratchllm.config import (
+    ConfigError,
+    LoopConfig,
+    LoRAConfig,
+    OptimConfig,
+    apply_overrides,
+    save_json,
+    to_dict,
+)
+
+
+def resolve_sections(defaults: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Stage defaults (dataclass instances) + `--section.key=value` overrides -> validated sections."""
+    return apply_overrides(defaults, list(overrides or []))
+
+
+def base_sections(loop: LoopConfig, optim: OptimConfig, **stage_sections: Any) -> dict[str, Any]:
+    return {"loop": loop, "optim": optim, "lora": LoRAConfig(), **stage_sections}
+
+
+def finish(stage_dir: Path, metrics: dict[str, Any], sections: dict[str, Any], started: float) -> dict[str, Any]:
+    summary = {**metrics, "time_s": round(time.perf_counter() - started, 1)}
+    save_json(stage_dir / "summary.json", {"summary": summary, "config": to_dict(sections)})
+    return summary
+
+
+def stage_main(
+    argv: list[str], prog: str, run: Callable[..., dict[str, Any]], needs_init: bool = True,
+    extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    parser = argparse.ArgumentParser(
+        prog=f"scratchllm {prog}",
+        description=f"{run.__doc__ or ''}\nAny config field can be overridden: --loop.max_steps=100 --optim.lr=1e-3 …",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/default"), help="run root: writes <run-dir>/" + prog)
+    if needs_init:
+        parser.add_argument("--init", type=Path, required=True, help="model directory to start from")
+    parser.add_argument("--data-dir", type=Path, default=None, help="data directory (default: the bundled corpus)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this stage")
+    if extra_args:
+        extra_args(parser)
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if not (o.startswith("--") and "." in o.split("=", 1)[0] and "=" in o)]
+    if bad:
+        parser.error(f"unrecognised arguments {bad}; config overrides look like --section.key=value")
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("run_dir", "init", "data_dir", "resume")}
+    if args.data_dir is not None:
+        kwargs["data_dir"] = args.data_dir
+    try:
+        if needs_init:
+            summary = run(args.run_dir, args.init, overrides=overrides, resume=args.resume, **kwargs)
+        else:
+            summary = run(args.run_dir, overrides=overrides, resume=args.resume, **kwargs)
+    except ConfigError as err:
+        parser.error(str(err))
+    print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))}, indent=2))
+    return 0
