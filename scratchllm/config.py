@@ -146,6 +146,8 @@ class LoRAConfig:
 @dataclass
 class SFTConfig:
     max_len: int = 256  # conversations longer than this are truncated (loss mask follows)
+    eval_prompts: int = 200  # held-out conversations for the end-of-reply rate
+    eval_tasks: int = 440  # held-out verifiable tasks for pass@1 (the whole tasks_val split)
 
 
 @dataclass
@@ -170,7 +172,8 @@ class PPOConfig:
     max_new_tokens: int = 48
     temperature: float = 1.0
     value_coef: float = 0.5
-    max_kl: float = 10.0  # guard: stop with a message when mean KL passes this
+    max_kl: float = 10.0  # guard: stop with a message when mean KL (nats per reply) passes this
+    eval_prompts: int = 150  # held-out preference prompts scored by the reward model and the gold judge
 
 
 @dataclass
@@ -179,8 +182,9 @@ class GRPOConfig:
     prompts_per_step: int = 8
     clip_eps: float = 0.2
     kl_coef: float = 0.02  # beta of the k3 KL to the reference
-    max_new_tokens: int = 32
+    max_new_tokens: int = 24  # canonical replies are ~8-15 tokens
     temperature: float = 1.0
+    epochs: int = 1  # policy updates per rollout batch
 
 
 @dataclass

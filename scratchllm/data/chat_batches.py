@@ -1,0 +1,90 @@
+"""Batches for post-training: masked SFT sequences and (chosen, rejected) pairs, right-padded.
+
+Shuffling is a pure function of (seed, epoch), and batch k of the stream is found from k alone, so a
+resumed run continues with exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from scratchllm.tokenizer.bpe import Tokenizer
+from scratchllm.tokenizer.chat import render_conversation, render_for_completion
+
+
+def pad_right(rows: list[list[int]], value: int) -> Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def render_sft(tok: Tokenizer, conversations: list[dict[str, Any]], max_len: int) -> list[tuple[list[int], list[bool]]]:
+    out = []
+    for conv in conversations:
+        ids, mask = render_conversation(tok, conv["messages"], max_len=max_len)
+        if any(mask[1:]):  # something left to train after truncation
+            out.append((ids, mask))
+    return out
+
+
+def sft_batch(examples: list[tuple[list[int], list[bool]]], pad_id: int) -> dict[str, Tensor]:
+    """ids (B, T-1) -> targets (B, T-1) with the loss mask aligned to the targets."""
+    ids = pad_right([e[0] for e in examples], pad_id)
+    mask = pad_right([[int(m) for m in e[1]] for e in examples], 0).bool()
+    return {"ids": ids[:, :-1], "targets": ids[:, 1:], "mask": mask[:, 1:]}
+
+
+def render_pair(tok: Tokenizer, record: dict[str, Any], max_len: int) -> dict[str, Any]:
+    """prompt + reply token ids and response masks for both replies of a preference pair.
+
+    A `rejected_truncated` reply (rule no_end) is rendered without its closing <|im_end|>.
+    """
+    prompt = render_for_completion(tok, record["prompt"])
+    out: dict[str, Any] = {}
+    for side in ("chosen", "rejected"):
+        reply = tok.encode(record[side])
+        if not (side == "rejected" and record.get("rejected_truncated")):
+            reply = reply + [tok.im_end_id]
+        ids = (prompt + reply)[:max_len]
+        out[side] = ids
+        out[f"{side}_mask"] = ([False] * len(prompt) + [True] * len(reply))[:max_len]
+    return out
+
+
+def pair_batch(pairs: list[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:
+    batch: dict[str, Tensor] = {}
+    for side in ("chosen", "rejected"):
+        batch[side] = pad_right([p[side] for p in pairs], pad_id)
+        batch[f"{side}_mask"] = pad_right([[int(m) for m in p[f"{side}_mask"]] for p in pairs], 0).bool()
+        batch[f"{side}_len"] = torch.tensor([len(p[side]) for p in pairs])
+    return batch
+
+
+class EpochStream:
+    """Batch k of an endless, epoch-shuffled stream over `items`; `position` is the resumable state."""
+
+    def __init__(self, items: list[Any], batch_size: int, seed: int) -> None:
+        if not items:
+            raise ValueError("no training examples")
+        self.items, self.batch_size, self.seed = items, min(batch_size, len(items)), seed
+        self.per_epoch = len(items) // self.batch_size
+        self.position = 0
+
+    def batch_items(self, k: int) -> list[Any]:
+        epoch, index = divmod(k, self.per_epoch)
+        order = list(range(len(self.items)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        chosen = order[index * self.batch_size : (index + 1) * self.batch_size]
+        return [self.items[i] for i in chosen]
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        from scratchllm.train import distributed as dist
+
+        while True:
+            k = self.position * dist.world_size() + dist.rank()
+            self.position += 1
+            yield self.batch_items(k)

@@ -1,0 +1,62 @@
+"""Held-out chat metrics measured by generating: end-of-reply rate and verifiable-task pass@1 (greedy).
+
+The same functions score every checkpoint in the pipeline's comparison table, so pretrain, SFT, DPO,
+PPO and GRPO are measured on identical prompts with identical decoding.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from scratchllm.infer.engine import generate_batch
+from scratchllm.infer.sampling import SamplingParams
+from scratchllm.tokenizer.bpe import Tokenizer
+from scratchllm.tokenizer.chat import render_for_completion
+from scratchllm.train.rewards import score_task
+
+
+@torch.no_grad()
+def generate_replies(
+    model: nn.Module, tok: Tokenizer, prompts: list[list[dict[str, str]]], max_new_tokens: int = 32,
+    batch_size: int = 64, params: SamplingParams | None = None, seed: int | None = None,
+) -> list[tuple[str, bool]]:
+    """(reply text without the end token, whether the reply ended with <|im_end|>) per prompt."""
+    params = params or SamplingParams(temperature=0.0)
+    out: list[tuple[str, bool]] = []
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(prompts), batch_size):
+        chunk = [render_for_completion(tok, p) for p in prompts[start : start + batch_size]]
+        ids, _ = generate_batch(model, chunk, max_new_tokens, params, {tok.im_end_id, tok.eos_id}, seed, tok.pad_id)
+        for row in ids:
+            ended = bool(row) and row[-1] == tok.im_end_id
+            out.append((tok.decode(row[:-1] if ended else row), ended))
+    model.train(was_training)
+    return out
+
+
+def end_of_reply_rate(model: nn.Module, tok: Tokenizer, conversations: list[dict[str, Any]], max_new_tokens: int = 48) -> float:
+    """Share of held-out prompts (each conversation up to its last assistant turn) answered with <|im_end|>."""
+    prompts = []
+    for conv in conversations:
+        messages = conv["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompts.append(messages[:last])
+    replies = generate_replies(model, tok, prompts, max_new_tokens)
+    return sum(ended for _, ended in replies) / max(len(replies), 1)
+
+
+def task_pass_at_1(model: nn.Module, tok: Tokenizer, tasks: list[dict[str, Any]], max_new_tokens: int = 24) -> dict[str, float]:
+    """Greedy pass@1 overall and per family: {"pass_at_1": …, "pass_at_1/add": …}."""
+    replies = generate_replies(model, tok, [t["prompt"] for t in tasks], max_new_tokens)
+    by_family: dict[str, list[float]] = defaultdict(list)
+    for task, (reply, _) in zip(tasks, replies):
+        by_family[task["family"]].append(score_task(reply, task))
+    scores = [s for family in by_family.values() for s in family]
+    result = {"pass_at_1": sum(scores) / max(len(scores), 1)}
+    result.update({f"pass_at_1/{f}": sum(v) / len(v) for f, v in sorted(by_family.items())})
+    return result

@@ -1,0 +1,144 @@
+"""The pipeline's report: loss curves per stage (PNG, matplotlib) and one comparison table in markdown.
+
+Last step of the data flow: it only reads what the stages wrote (`<stage>/metrics.jsonl`) and the
+comparison numbers computed by `eval/compare.py`, so it can be re-run on any finished run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+# Rows of the comparison table: (metric key, label, how to read it).
+COMPARISON_ROWS: list[tuple[str, str, str]] = [
+    ("val_bpb", "validation bits-per-byte", "lower is better; tokenizer-independent"),
+    ("end_rate", "end-of-reply rate", "share of held-out chat prompts whose reply ends with <|im_end|>"),
+    ("pass_at_1", "verifiable-task pass@1", "greedy decoding on the held-out task split"),
+    ("rm_accuracy", "reward-model pair accuracy", "held-out preference pairs ranked correctly"),
+    ("learned_reward", "learned reward (mean)", "reward model score of greedy replies to held-out prompts"),
+    ("gold_score", "gold-judge score (mean)", "rule-based judge the preference data was built from"),
+    ("kl_to_sft", "KL to SFT (nats/token)", "on the model's own greedy replies; 0 for SFT itself"),
+]
+STAGE_COLUMNS = ["pretrain", "sft", "dpo", "ppo", "grpo"]
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Read a metrics.jsonl file; a missing file is an empty history (stage skipped)."""
+    if not path.exists():
+        return []
+    rows = []
+    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg}); delete the line or the file") from err
+    return rows
+
+
+def _series(rows: Iterable[dict[str, Any]], key: str, split: str | None) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for row in rows:
+        if split is not None and row.get("split", "train") != split:
+            continue
+        value = row.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value) and "step" in row:
+            xs.append(float(row["step"]))
+            ys.append(float(value))
+    return xs, ys
+
+
+def plot_stage_curves(run_dir: Path, stages: list[str], out_dir: Path) -> list[Path]:
+    """One PNG per stage: the training loss and every eval metric the stage logged, against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: the report is written on machines without a display
+    import matplotlib.pyplot as plt
+
+    written: list[Path] = []
+    for stage in stages:
+        rows = read_metrics(run_dir / stage / "metrics.jsonl")
+        if not rows:
+            continue
+        eval_keys = sorted(
+            {k for r in rows if r.get("split") == "eval" for k, v in r.items() if isinstance(v, (int, float))}
+            - {"step", "time_s"}
+        )
+        train_keys = [k for k in ("loss", "reward", "kl") if _series(rows, k, "train")[0]]
+        panels = [(k, "train") for k in train_keys] + [(k, "eval") for k in eval_keys]
+        if not panels:
+            continue
+        n_cols = min(3, len(panels))
+        n_rows = math.ceil(len(panels) / n_cols)
+        fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 3.0 * n_rows), squeeze=False)
+        for ax, (key, split) in zip(axes.flat, panels):
+            xs, ys = _series(rows, key, split)
+            ax.plot(xs, ys, marker="o" if split == "eval" else None, markersize=3, linewidth=1.2)
+            ax.set_title(f"{stage}: {split} {key}", fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(panels) :]:
+            ax.axis("off")
+        fig.tight_layout()
+        path = out_dir / f"{stage}_curves.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value)
+
+
+def comparison_table(comparison: dict[str, dict[str, float | None]]) -> str:
+    """Markdown table: rows are metrics, columns are stages, all on the same held-out sets."""
+    columns = [s for s in STAGE_COLUMNS if s in comparison]
+    lines = [
+        "| metric | " + " | ".join(columns) + " | meaning |",
+        "|---|" + "---:|" * len(columns) + "---|",
+    ]
+    for key, label, meaning in COMPARISON_ROWS:
+        cells = [_fmt(comparison[stage].get(key)) for stage in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {meaning} |")
+    return "\n".join(lines)
+
+
+def write_report(
+    run_dir: Path,
+    comparison: dict[str, dict[str, float | None]],
+    stage_summaries: dict[str, dict[str, Any]],
+    chat_commands: list[str],
+) -> Path:
+    """Write `run_dir/report.md` and the PNG plots beside it; returns the report path."""
+    stages = list(stage_summaries)
+    plots = plot_stage_curves(run_dir, stages, run_dir)
+    lines = [f"# scratchllm run report: `{run_dir.name}`", ""]
+    lines += ["## Comparison on the same held-out sets", "", comparison_table(comparison), ""]
+    lines += ["## Stages", "", "| stage | time (s) | headline |", "|---|---:|---|"]
+    for stage, summary in stage_summaries.items():
+        headline = ", ".join(
+            f"{k}={_fmt(v)}" for k, v in summary.items() if k != "time_s" and isinstance(v, (int, float))
+        )
+        lines.append(f"| {stage} | {_fmt(summary.get('time_s'))} | {headline} |")
+    lines.append("")
+    if plots:
+        lines += ["## Curves", ""]
+        lines += [f"![{p.stem}]({p.name})" for p in plots]
+        lines.append("")
+    if chat_commands:
+        lines += ["## Talk to each checkpoint", "", "```bash", *chat_commands, "```", ""]
+    report = run_dir / "report.md"
+    report.write_text("\n".join(lines))
+    return report

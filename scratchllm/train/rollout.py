@@ -1,0 +1,57 @@
+"""Rollouts for RL: sample replies from the current policy (KV cache), score them token by token.
+
+Returns right-padded prompt+reply ids with a response mask that ends at (and includes) <|im_end|>, and
+per-token log-probs recomputed with a full forward pass: the sampler's filtered distribution is not the
+policy's, so PPO/GRPO ratios must use the model's own log-probs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from scratchllm.data.chat_batches import pad_right
+from scratchllm.infer.engine import generate_batch
+from scratchllm.infer.sampling import SamplingParams
+from scratchllm.tokenizer.bpe import Tokenizer
+from scratchllm.tokenizer.chat import render_for_completion
+from scratchllm.train.logprobs import response_token_logprobs
+
+
+@dataclass
+class Rollout:
+    ids: Tensor  # (B, T) prompt + reply, right-padded
+    response_mask: Tensor  # (B, T) True on reply tokens (including a final <|im_end|>)
+    lengths: Tensor  # (B,) real tokens per row
+    texts: list[str]  # replies without the end token
+    ended: list[bool]  # the reply finished with <|im_end|>
+
+
+@torch.no_grad()
+def sample_rollouts(
+    model: nn.Module, tok: Tokenizer, prompts: list[list[dict[str, str]]], max_new_tokens: int,
+    params: SamplingParams, seed: int | None = None,
+) -> Rollout:
+    was_training = model.training
+    model.eval()
+    prompt_ids = [render_for_completion(tok, p) for p in prompts]
+    replies, _ = generate_batch(model, prompt_ids, max_new_tokens, params, {tok.im_end_id, tok.eos_id}, seed, tok.pad_id)
+    model.train(was_training)
+    rows, masks, texts, ended = [], [], [], []
+    for prompt, reply in zip(prompt_ids, replies):
+        if not reply:  # keep shapes valid: an empty reply still scores one token
+            reply = [tok.eos_id]
+        rows.append(prompt + reply)
+        masks.append([0] * len(prompt) + [1] * len(reply))
+        finished = reply[-1] == tok.im_end_id
+        ended.append(finished)
+        texts.append(tok.decode(reply[:-1] if finished or reply[-1] == tok.eos_id else reply))
+    return Rollout(pad_right(rows, tok.pad_id), pad_right(masks, 0).bool(), torch.tensor([len(r) for r in rows]), texts, ended)
+
+
+@torch.no_grad()
+def rollout_logprobs(model: nn.Module, rollout: Rollout, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per-token log-probs of the reply tokens (B, T-1) and the aligned mask, without gradients."""
+    return response_token_logprobs(model, rollout.ids.to(device), rollout.response_mask.to(device))

@@ -1,0 +1,112 @@
+"""Direct preference optimisation against a frozen reference (the SFT model), on the same preference pairs.
+
+Headline metrics on held-out pairs: preference accuracy under the implicit reward β·(log π - log π_ref),
+chosen/rejected margins, plus end-of-reply rate and task pass@1 so DPO sits in the same report columns.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from scratchllm.config import DPOConfig, LoopConfig, OptimConfig
+from scratchllm.data.chat_batches import EpochStream, pair_batch, render_pair
+from scratchllm.data.jsonl import read_conversations, read_preferences, read_tasks
+from scratchllm.eval.chat_eval import end_of_reply_rate, task_pass_at_1
+from scratchllm.model.lora import maybe_inject_lora, save_final_model
+from scratchllm.tokenizer.bpe import Tokenizer
+from scratchllm.train.checkpoint import load_model
+from scratchllm.train.logprobs import sequence_logprobs
+from scratchllm.train.loop import train
+from scratchllm.train.losses import dpo_loss
+from scratchllm.train.stages.runner import base_sections, finish, resolve_sections, stage_main
+
+DEFAULT_LOOP = LoopConfig(max_steps=200, batch_size=16, eval_every=0, checkpoint_every=100, max_time_s=45)
+DEFAULT_OPTIM = OptimConfig(lr=1e-4, warmup_steps=5, weight_decay=0.0, min_lr_ratio=0.1)
+
+
+class DPOStage:
+    name = "dpo"
+
+    def __init__(self, tok: Tokenizer, reference: nn.Module, train_pairs: list, val_pairs: list, val_convs: list,
+                 val_tasks: list, cfg: DPOConfig, loop: LoopConfig) -> None:
+        self.tok, self.reference, self.cfg = tok, reference.eval().requires_grad_(False), cfg
+        self.stream = EpochStream([render_pair(tok, p, 256) for p in train_pairs], loop.batch_size, loop.seed)
+        self.val = [render_pair(tok, p, 256) for p in val_pairs]
+        self.val_convs, self.val_tasks = val_convs, val_tasks
+
+    def batches(self, split: str) -> Iterator[dict[str, Tensor]]:
+        for pairs in self.stream:
+            yield pair_batch(pairs, self.tok.pad_id)
+
+    def _logps(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        return (sequence_logprobs(model, batch["chosen"], batch["chosen_mask"]),
+                sequence_logprobs(model, batch["rejected"], batch["rejected_mask"]))
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        self.reference.to(batch["chosen"].device)
+        with torch.no_grad():
+            ref_chosen, ref_rejected = self._logps(self.reference, batch)
+        chosen, rejected = self._logps(model, batch)
+        return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.cfg.beta)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        device = next(model.parameters()).device
+        self.reference.to(device)
+        sums: dict[str, float] = {}
+        n_batches = 0
+        for start in range(0, len(self.val), 64):
+            batch = {k: v.to(device) for k, v in pair_batch(self.val[start : start + 64], self.tok.pad_id).items()}
+            _, stats = self.loss(model, batch)
+            for key, value in stats.items():
+                sums[key] = sums.get(key, 0.0) + value
+            n_batches += 1
+        metrics = {f"dpo_{k}": v / n_batches for k, v in sums.items()}
+        metrics["end_rate"] = end_of_reply_rate(model, self.tok, self.val_convs)
+        metrics.update(task_pass_at_1(model, self.tok, self.val_tasks))
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.stream.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.position = state["position"]
+
+    def tokens_in(self, batch: dict[str, Tensor]) -> int:
+        return batch["chosen"].numel() + batch["rejected"].numel()
+
+    def save_final(self, model: nn.Module, directory: Path) -> None:
+        save_final_model(model, self.tok, directory, self.sections)
+
+
+def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overrides: list[str] | None = None,
+        resume: bool = False) -> dict[str, Any]:
+    """DPO from an SFT model (also the frozen reference) on preference pairs."""
+    started = time.perf_counter()
+    stage_dir = Path(run_root) / "dpo"
+    sections = resolve_sections(base_sections(DEFAULT_LOOP, DEFAULT_OPTIM, dpo=DPOConfig()), overrides)
+    data_dir = Path(data_dir)
+    train_pairs = read_preferences(data_dir / "prefs_train.jsonl")
+    val_pairs = read_preferences(data_dir / "prefs_val.jsonl")
+    val_convs = read_conversations(data_dir / "sft_val.jsonl")[:200]
+    val_tasks = read_tasks(data_dir / "tasks_val.jsonl")
+    model, tok, _ = load_model(init)
+    sections["model"] = model.config
+    reference = copy.deepcopy(model)
+    maybe_inject_lora(model, sections["lora"])
+    stage = DPOStage(tok, reference, train_pairs, val_pairs, val_convs, val_tasks, sections["dpo"], sections["loop"])
+    stage.sections = sections
+    metrics = train(model.train(), stage, sections["optim"], sections["loop"], stage_dir, resume=resume, tokenizer=tok,
+                    config_sections=sections)
+    return finish(stage_dir, metrics, sections, started)
+
+
+def main(argv: list[str]) -> int:
+    return stage_main(argv, "dpo", run)

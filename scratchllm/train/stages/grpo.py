@@ -1,0 +1,130 @@
+"""GRPO with verifiable rewards (Shao et al. 2024, arXiv:2402.03300): G replies per task, group-relative advantages.
+
+No value model: each reply's advantage is its reward standardised within its group. Groups whose
+replies all score the same carry no signal and are dropped (and counted). Headline metric: held-out
+pass@1 on tasks_val with greedy decoding, before and after.
+Deviation from the paper: one policy update per rollout batch by default (`grpo.epochs`), so the clipped
+ratio is 1 on the first pass, as in the paper's single-update setting.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from scratchllm.config import GRPOConfig, LoopConfig, OptimConfig
+from scratchllm.data.jsonl import read_tasks
+from scratchllm.eval.chat_eval import task_pass_at_1
+from scratchllm.infer.sampling import SamplingParams
+from scratchllm.model.lora import maybe_inject_lora, save_final_model
+from scratchllm.tokenizer.bpe import Tokenizer
+from scratchllm.train.checkpoint import load_model
+from scratchllm.train.logprobs import response_token_logprobs
+from scratchllm.train.loop import train
+from scratchllm.train.losses import grpo_advantages, grpo_loss
+from scratchllm.train.rewards import composite_reward
+from scratchllm.train.rollout import rollout_logprobs, sample_rollouts
+from scratchllm.train.stages.runner import base_sections, finish, resolve_sections, stage_main
+
+DEFAULT_LOOP = LoopConfig(max_steps=200, batch_size=1, eval_every=0, checkpoint_every=50, max_time_s=100, log_every=1)
+DEFAULT_OPTIM = OptimConfig(lr=2e-5, warmup_steps=3, weight_decay=0.0, min_lr_ratio=1.0, grad_clip=1.0)
+
+
+class GRPOStage:
+    name = "grpo"
+
+    def __init__(self, tok: Tokenizer, reference: nn.Module, train_tasks: list, val_tasks: list, cfg: GRPOConfig,
+                 seed: int, reward_fn=composite_reward) -> None:
+        self.tok, self.reference, self.cfg, self.seed = tok, reference.eval().requires_grad_(False), cfg, seed
+        self.train_tasks, self.val_tasks, self.reward_fn = train_tasks, val_tasks, reward_fn
+        self.position = 0  # rollout batches drawn so far (resumable state)
+        self.groups_total = self.groups_dropped = 0
+        self.policy: nn.Module | None = None
+
+    def batches(self, split: str) -> Iterator[dict[str, Any]]:
+        while True:
+            batch = self._rollout_batch()
+            if batch is not None:
+                for _ in range(self.cfg.epochs):
+                    yield batch
+
+    @torch.no_grad()
+    def _rollout_batch(self) -> dict[str, Any] | None:
+        assert self.policy is not None, "the loop calls loss() before batches are drawn; policy is set there"
+        rng = random.Random(self.seed * 7919 + self.position)
+        self.position += 1
+        tasks = rng.sample(self.train_tasks, self.cfg.prompts_per_step)
+        G = self.cfg.group_size
+        prompts = [t["prompt"] for t in tasks for _ in range(G)]
+        params = SamplingParams(temperature=self.cfg.temperature)
+        rollout = sample_rollouts(self.policy, self.tok, prompts, self.cfg.max_new_tokens, params, seed=self.seed + self.position)
+        rewards = torch.tensor([self.reward_fn(text, tasks[i // G]) for i, text in enumerate(rollout.texts)])
+        advantages, has_signal = grpo_advantages(rewards, G)
+        self.groups_total += len(tasks)
+        self.groups_dropped += int((~has_signal).sum())
+        keep = has_signal.repeat_interleave(G)
+        stats = {"reward": float(rewards.mean()), "groups_with_signal": float(has_signal.float().mean()),
+                 "reply_len": float(rollout.response_mask.sum(1).float().mean())}
+        if not keep.any():  # every group was all-right or all-wrong: no gradient, draw again
+            self.last_stats = stats
+            return None
+        device = next(self.policy.parameters()).device
+        self.reference.to(device)
+        old, mask = rollout_logprobs(self.policy, rollout, device)
+        ref, _ = rollout_logprobs(self.reference, rollout, device)
+        return {"ids": rollout.ids[keep], "response_mask": rollout.response_mask[keep], "old_logprobs": old[keep.to(device)],
+                "ref_logprobs": ref[keep.to(device)], "advantages": advantages[keep], "stats": stats}
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        logprobs, mask = response_token_logprobs(model, batch["ids"], batch["response_mask"])
+        loss, stats = grpo_loss(logprobs, batch["old_logprobs"], batch["ref_logprobs"], batch["advantages"].to(logprobs.device),
+                                mask, self.cfg.clip_eps, self.cfg.kl_coef)
+        return loss, {**stats, **batch["stats"], "groups_dropped_total": float(self.groups_dropped)}
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        result = task_pass_at_1(model, self.tok, self.val_tasks, self.cfg.max_new_tokens)
+        result["groups_dropped_share"] = self.groups_dropped / max(self.groups_total, 1)
+        return result
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position, "groups_total": self.groups_total, "groups_dropped": self.groups_dropped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position, self.groups_total, self.groups_dropped = state["position"], state["groups_total"], state["groups_dropped"]
+
+    def tokens_in(self, batch: dict[str, Any]) -> int:
+        return int(batch["response_mask"].sum())
+
+    def save_final(self, model: nn.Module, directory: Path) -> None:
+        save_final_model(model, self.tok, directory, self.sections)
+
+
+def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overrides: list[str] | None = None,
+        resume: bool = False) -> dict[str, Any]:
+    """GRPO on the training tasks with verifiable rewards; reports held-out pass@1."""
+    started = time.perf_counter()
+    stage_dir = Path(run_root) / "grpo"
+    sections = resolve_sections(base_sections(DEFAULT_LOOP, DEFAULT_OPTIM, grpo=GRPOConfig()), overrides)
+    train_tasks = read_tasks(Path(data_dir) / "tasks_train.jsonl")
+    val_tasks = read_tasks(Path(data_dir) / "tasks_val.jsonl")
+    model, tok, _ = load_model(init)
+    sections["model"] = model.config
+    reference = copy.deepcopy(model)
+    maybe_inject_lora(model, sections["lora"])
+    stage = GRPOStage(tok, reference, train_tasks, val_tasks, sections["grpo"], sections["loop"].seed)
+    stage.sections = sections
+    stage.policy = model
+    metrics = train(model.train(), stage, sections["optim"], sections["loop"], stage_dir, resume=resume, tokenizer=tok,
+                    config_sections=sections)
+    return finish(stage_dir, metrics, sections, started)
+
+
+def main(argv: list[str]) -> int:
+    return stage_main(argv, "grpo", run)

@@ -1,0 +1,199 @@
+"""RLHF with PPO (Ouyang et al. 2022): the policy maximises the reward model's score minus a KL penalty to SFT.
+
+Per-token reward r_t = -β·KL_k1(π‖π_ref) at every reply token, plus the reward-model score on the last one;
+advantages by GAE (arXiv:1506.02438) from a value model initialised from the reward model; PPO-clip
+(arXiv:1707.06347 eq. 7) with a clipped value loss; `ppo_epochs` updates per rollout batch.
+Reward hacking check: held-out replies are also scored by the rule-based gold judge, which must not fall.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from scratchllm.config import LoopConfig, OptimConfig, PPOConfig
+from scratchllm.data.jsonl import read_preferences
+from scratchllm.eval.chat_eval import generate_replies
+from scratchllm.infer.sampling import SamplingParams
+from scratchllm.model.gpt import GPT
+from scratchllm.model.heads import ScalarModel, load_scalar_model
+from scratchllm.model.lora import save_final_model
+from scratchllm.tokenizer.bpe import Tokenizer
+from scratchllm.train.checkpoint import load_model
+from scratchllm.train.logprobs import response_token_logprobs
+from scratchllm.train.loop import train
+from scratchllm.train.losses import gae, kl_k1, masked_mean, ppo_clip_loss, value_loss, whiten
+from scratchllm.train.rewards import gold_score
+from scratchllm.train.rollout import Rollout, rollout_logprobs, sample_rollouts
+from scratchllm.train.stages.runner import base_sections, finish, resolve_sections, stage_main
+
+DEFAULT_LOOP = LoopConfig(max_steps=200, batch_size=1, eval_every=0, checkpoint_every=50, max_time_s=75, log_every=1)
+DEFAULT_OPTIM = OptimConfig(lr=1e-5, warmup_steps=3, weight_decay=0.0, min_lr_ratio=1.0, grad_clip=1.0)
+
+
+class PPODiverged(RuntimeError):
+    """KL to the reference or the policy ratio exploded; the run stops instead of collapsing."""
+
+
+class PolicyAndValue(nn.Module):
+    """What the optimizer trains: the policy and its value model, side by side."""
+
+    def __init__(self, policy: GPT, value: ScalarModel) -> None:
+        super().__init__()
+        self.policy, self.value = policy, value
+
+
+def reward_model_scores(reward_model: ScalarModel, rollout: Rollout, device: torch.device) -> Tensor:
+    return reward_model(rollout.ids.to(device), rollout.lengths.to(device))
+
+
+class PPOStage:
+    name = "ppo"
+
+    def __init__(self, tok: Tokenizer, reference: GPT, reward_model: ScalarModel, train_prompts: list, val_pairs: list,
+                 cfg: PPOConfig, seed: int) -> None:
+        self.tok, self.cfg, self.seed = tok, cfg, seed
+        self.reference = reference.eval().requires_grad_(False)
+        self.reward_model = reward_model.eval().requires_grad_(False)
+        self.train_prompts, self.val_pairs = train_prompts, val_pairs
+        self.position = 0
+        self.model: PolicyAndValue | None = None
+
+    def batches(self, split: str) -> Iterator[dict[str, Any]]:
+        while True:
+            batch = self._rollout_batch()
+            for _ in range(self.cfg.ppo_epochs):
+                yield batch
+
+    @torch.no_grad()
+    def _rollout_batch(self) -> dict[str, Any]:
+        assert self.model is not None
+        policy, value_model = self.model.policy, self.model.value
+        device = next(policy.parameters()).device
+        self.reference.to(device)
+        self.reward_model.to(device)
+        rng = random.Random(self.seed * 104729 + self.position)
+        self.position += 1
+        prompts = rng.sample(self.train_prompts, self.cfg.rollout_batch)
+        rollout = sample_rollouts(policy, self.tok, prompts, self.cfg.max_new_tokens,
+                                  SamplingParams(temperature=self.cfg.temperature), seed=self.seed + self.position)
+        old_logprobs, mask = rollout_logprobs(policy, rollout, device)
+        ref_logprobs, _ = rollout_logprobs(self.reference, rollout, device)
+        scores = reward_model_scores(self.reward_model, rollout, device)
+        kl = kl_k1(old_logprobs, ref_logprobs) * mask  # (B, T-1), k1 as in InstructGPT
+        rewards = -self.cfg.kl_coef * kl
+        last = (rollout.lengths.to(device) - 2).clamp(min=0)  # target index of the last reply token
+        rewards[torch.arange(len(last), device=device), last] += scores
+        values = value_model.forward_all(rollout.ids.to(device))[:, :-1] * mask
+        advantages, returns = gae(rewards, values, mask, self.cfg.gamma, self.cfg.gae_lambda)
+        advantages = whiten(advantages, mask)
+        stats = {"reward": float(scores.mean()), "kl": float(masked_mean(kl, mask) * mask.sum(1).float().mean()),
+                 "reply_len": float(mask.sum(1).float().mean()), "ended": sum(rollout.ended) / len(rollout.ended)}
+        if stats["kl"] > self.cfg.max_kl:
+            raise PPODiverged(f"mean KL to the reference is {stats['kl']:.2f} > --ppo.max_kl={self.cfg.max_kl}: "
+                              "lower --optim.lr or raise --ppo.kl_coef")
+        return {"ids": rollout.ids, "response_mask": rollout.response_mask, "old_logprobs": old_logprobs,
+                "old_values": values, "advantages": advantages, "returns": returns, "stats": stats}
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        logprobs, mask = response_token_logprobs(model.policy, batch["ids"], batch["response_mask"])
+        policy_loss, stats = ppo_clip_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask, self.cfg.clip_eps)
+        if stats["ratio_max"] > 1e3:
+            raise PPODiverged(f"policy ratio {stats['ratio_max']:.1f} exploded; lower --optim.lr")
+        values = model.value.forward_all(batch["ids"])[:, :-1]
+        v_loss = value_loss(values, batch["old_values"], batch["returns"], mask, self.cfg.value_clip_eps)
+        with torch.no_grad():
+            entropy_proxy = -masked_mean(logprobs, mask)  # mean surprisal of the sampled tokens
+        return policy_loss + self.cfg.value_coef * v_loss, {**stats, **batch["stats"], "value_loss": float(v_loss),
+                                                             "entropy": float(entropy_proxy)}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        policy = model.policy
+        device = next(policy.parameters()).device
+        self.reward_model.to(device)
+        self.reference.to(device)
+        pairs = self.val_pairs[: self.cfg.eval_prompts]
+        replies = generate_replies(policy, self.tok, [p["prompt"] for p in pairs], self.cfg.max_new_tokens)
+        return score_replies(policy, self.reference, self.reward_model, self.tok, pairs, replies, device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = state["position"]
+
+    def tokens_in(self, batch: dict[str, Any]) -> int:
+        return int(batch["response_mask"].sum())
+
+    def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def save_final(self, model: nn.Module, directory: Path) -> None:
+        save_final_model(model.policy, self.tok, directory, self.sections)
+
+
+@torch.no_grad()
+def score_replies(policy: nn.Module, reference: nn.Module, reward_model: ScalarModel, tok: Tokenizer, pairs: list,
+                  replies: list[tuple[str, bool]], device: torch.device) -> dict[str, float]:
+    """Learned reward, gold-judge score, KL to the reference (nats/token) and end rate of held-out replies."""
+    from scratchllm.data.chat_batches import pad_right
+    from scratchllm.tokenizer.chat import render_for_completion
+
+    rows, masks = [], []
+    for pair, (text, ended) in zip(pairs, replies):
+        prompt = render_for_completion(tok, pair["prompt"])
+        reply = tok.encode(text) + ([tok.im_end_id] if ended else [])
+        reply = reply or [tok.eos_id]
+        rows.append(prompt + reply)
+        masks.append([0] * len(prompt) + [1] * len(reply))
+    ids, mask = pad_right(rows, tok.pad_id).to(device), pad_right(masks, 0).bool().to(device)
+    lengths = torch.tensor([len(r) for r in rows], device=device)
+    learned = reward_model(ids, lengths)
+    logp, m = response_token_logprobs(policy, ids, mask)
+    ref_logp, _ = response_token_logprobs(reference, ids, mask)
+    gold = [gold_score(p["prompt"], text, p.get("task"), ended) for p, (text, ended) in zip(pairs, replies)]
+    return {
+        "learned_reward": float(learned.mean()),
+        "gold_score": sum(gold) / len(gold),
+        "kl_to_sft": float(masked_mean(logp - ref_logp, m)),
+        "end_rate": sum(e for _, e in replies) / len(replies),
+    }
+
+
+def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overrides: list[str] | None = None,
+        resume: bool = False, reward_model: Path | None = None) -> dict[str, Any]:
+    """PPO from an SFT model against a trained reward model (--reward-model)."""
+    started = time.perf_counter()
+    stage_dir = Path(run_root) / "ppo"
+    sections = resolve_sections(base_sections(DEFAULT_LOOP, DEFAULT_OPTIM, ppo=PPOConfig()), overrides)
+    reward_dir = Path(reward_model) if reward_model else Path(run_root) / "reward" / "final"
+    train_pairs = read_preferences(Path(data_dir) / "prefs_train.jsonl")
+    val_pairs = read_preferences(Path(data_dir) / "prefs_val.jsonl")
+    policy, tok, _ = load_model(init)
+    sections["model"] = policy.config
+    reference = copy.deepcopy(policy)
+    rm, _ = load_scalar_model(reward_dir)
+    value = copy.deepcopy(rm).train().requires_grad_(True)  # the critic starts from the reward model
+    model = PolicyAndValue(policy.train(), value)
+    stage = PPOStage(tok, reference, rm, [p["prompt"] for p in train_pairs], val_pairs, sections["ppo"], sections["loop"].seed)
+    stage.sections = sections
+    stage.model = model
+    metrics = train(model, stage, sections["optim"], sections["loop"], stage_dir, resume=resume, tokenizer=tok,
+                    config_sections=sections)
+    return finish(stage_dir, metrics, sections, started)
+
+
+def _args(parser) -> None:
+    parser.add_argument("--reward-model", type=Path, default=None, help="reward model directory (default: <run-dir>/reward/final)")
+
+
+def main(argv: list[str]) -> int:
+    return stage_main(argv, "ppo", run, extra_args=_args)

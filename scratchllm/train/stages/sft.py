@@ -1,0 +1,96 @@
+"""Supervised fine-tuning: cross-entropy on assistant tokens only (the chat template's loss mask).
+
+Headline metrics on held-out data: assistant-token loss, end-of-reply rate (does the model stop?) and
+verifiable-task pass@1. Data: corpus/chat/sft_{train,val}.jsonl, tasks_val.jsonl.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from scratchllm.config import LoopConfig, OptimConfig, SFTConfig
+from scratchllm.data.chat_batches import EpochStream, render_sft, sft_batch
+from scratchllm.data.jsonl import read_conversations, read_tasks
+from scratchllm.eval.chat_eval import end_of_reply_rate, task_pass_at_1
+from scratchllm.model.lora import maybe_inject_lora, save_final_model
+from scratchllm.tokenizer.bpe import Tokenizer
+from scratchllm.train.checkpoint import load_model
+from scratchllm.train.loop import train
+from scratchllm.train.losses import cross_entropy_loss
+from scratchllm.train.stages.runner import base_sections, finish, resolve_sections, stage_main
+
+DEFAULT_LOOP = LoopConfig(max_steps=600, batch_size=32, eval_every=0, eval_batches=8, checkpoint_every=200, max_time_s=150)
+DEFAULT_OPTIM = OptimConfig(lr=1e-3, warmup_steps=20, weight_decay=0.0, min_lr_ratio=0.1)
+
+
+class SFTStage:
+    name = "sft"
+
+    def __init__(self, tok: Tokenizer, train_convs: list, val_convs: list, val_tasks: list, cfg: SFTConfig, loop: LoopConfig) -> None:
+        self.tok, self.cfg, self.loop = tok, cfg, loop
+        self.stream = EpochStream(render_sft(tok, train_convs, cfg.max_len), loop.batch_size, loop.seed)
+        self.val_examples = render_sft(tok, val_convs, cfg.max_len)
+        self.val_convs, self.val_tasks = val_convs[: cfg.eval_prompts], val_tasks
+
+    def batches(self, split: str) -> Iterator[dict[str, Tensor]]:
+        for examples in self.stream:
+            yield sft_batch(examples, self.tok.pad_id)
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        return cross_entropy_loss(model(batch["ids"]), batch["targets"], batch["mask"]), {}
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        device = next(model.parameters()).device
+        total, count = 0.0, 0
+        for start in range(0, len(self.val_examples), self.loop.batch_size):
+            batch = sft_batch(self.val_examples[start : start + self.loop.batch_size], self.tok.pad_id)
+            n = int(batch["mask"].sum())
+            total += float(cross_entropy_loss(model(batch["ids"].to(device)), batch["targets"].to(device), batch["mask"].to(device))) * n
+            count += n
+        metrics = {"val_loss": total / max(count, 1)}
+        metrics["end_rate"] = end_of_reply_rate(model, self.tok, self.val_convs)
+        metrics.update(task_pass_at_1(model, self.tok, self.val_tasks))
+        return metrics
+
+    def tokens_in(self, batch: dict[str, Tensor]) -> int:
+        return batch["ids"].numel()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.stream.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.position = state["position"]
+
+    def save_final(self, model: nn.Module, directory: Path) -> None:
+        save_final_model(model, self.tok, directory, self.sections)
+
+
+def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overrides: list[str] | None = None,
+        resume: bool = False) -> dict[str, Any]:
+    """Fine-tune a pretrained model on chat conversations (loss on assistant tokens only)."""
+    started = time.perf_counter()
+    stage_dir = Path(run_root) / "sft"
+    sections = resolve_sections(base_sections(DEFAULT_LOOP, DEFAULT_OPTIM, sft=SFTConfig()), overrides)
+    data_dir = Path(data_dir)
+    train_convs = read_conversations(data_dir / "sft_train.jsonl")  # validated before any compute
+    val_convs = read_conversations(data_dir / "sft_val.jsonl")
+    val_tasks = read_tasks(data_dir / "tasks_val.jsonl")[: sections["sft"].eval_tasks]
+    model, tok, _ = load_model(init)
+    sections["model"] = model.config
+    maybe_inject_lora(model, sections["lora"])
+    stage = SFTStage(tok, train_convs, val_convs, val_tasks, sections["sft"], sections["loop"])
+    stage.sections = sections
+    torch.manual_seed(sections["loop"].seed)
+    metrics = train(model, stage, sections["optim"], sections["loop"], stage_dir, resume=resume, tokenizer=tok,
+                    config_sections=sections)
+    return finish(stage_dir, metrics, sections, started)
+
+
+def main(argv: list[str]) -> int:
+    return stage_main(argv, "sft", run)
