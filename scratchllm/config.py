@@ -69,7 +69,7 @@ class ModelConfig:
 # Model presets: `mini` is the CPU default (~5M parameters with an 8k vocab), `small` ~25-30M,
 # `gpt2` ~124M (GPT-2 small shape, for a GPU), `tiny` is for tests only.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64),
+    "tiny": dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256),
     "mini": dict(d_model=256, n_layers=6, n_heads=8, n_kv_heads=4, max_seq_len=512),
     "small": dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=1024),
     "gpt2": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, max_seq_len=1024, tie_embeddings=True),

@@ -51,12 +51,21 @@ def _commit_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
+def tied_names(model: nn.Module) -> set[str]:
+    """State-dict names whose tensor is shared with an earlier name (tied embeddings): saved once, re-tied on load."""
+    seen: set[int] = set()
+    tied = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.data_ptr() in seen:
+            tied.add(name)
+        seen.add(tensor.data_ptr())
+    return tied
+
+
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict ready for safetensors: tied lm_head dropped (shared storage cannot be saved twice)."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if isinstance(model, GPT) and model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    return state
+    """State dict ready for safetensors: shared (tied) tensors kept once, since safetensors refuses aliases."""
+    skip = tied_names(model)
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in skip}
 
 
 def write_model_files(directory: Path, model: GPT, tokenizer: Tokenizer | None, sections: dict[str, Any]) -> None:
@@ -209,8 +218,7 @@ def load_training_checkpoint(path: Path, model: nn.Module, optimizer: torch.opti
     inner = unwrap(model)
     weights = load_file(str(path / "model.safetensors"))
     missing, unexpected = inner.load_state_dict(weights, strict=False)
-    tied = {"lm_head.weight"} if isinstance(inner, GPT) and inner.config.tie_embeddings else set()
-    if unexpected or set(missing) - tied:
+    if unexpected or set(missing) - tied_names(inner):
         raise CheckpointError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
     _optimizer_from_files(optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
     set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])

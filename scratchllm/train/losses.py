@@ -30,6 +30,7 @@ def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor, margin: float = 0.0
     """-log σ(r_c - r_r - m) (InstructGPT, Ouyang et al. 2022, arXiv:2203.02155 eq. 1). r_* (B,)."""
     gap = r_chosen - r_rejected
     loss = -F.logsigmoid(gap - margin).mean()  # eq. 1
+    gap = gap.detach()
     return loss, {"accuracy": float((gap > 0).float().mean()), "reward_gap": float(gap.mean())}
 
 
@@ -43,6 +44,7 @@ def dpo_loss(
     reward_chosen = beta * (policy_chosen - ref_chosen)
     reward_rejected = beta * (policy_rejected - ref_rejected)
     loss = -F.logsigmoid(reward_chosen - reward_rejected).mean()  # eq. 7
+    reward_chosen, reward_rejected = reward_chosen.detach(), reward_rejected.detach()
     return loss, {
         "accuracy": float((reward_chosen > reward_rejected).float().mean()),
         "reward_chosen": float(reward_chosen.mean()),
@@ -59,7 +61,7 @@ def kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
 def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     """Per-token k3 = r - 1 - log r with r = π_ref/π: unbiased and always >= 0 (Schulman 2020; GRPO eq. 4)."""
     log_ratio = ref_logprobs - logprobs
-    return torch.exp(log_ratio) - 1 - log_ratio
+    return torch.expm1(log_ratio) - log_ratio  # expm1: exp(x)-1 rounds below x for tiny x; this never does
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
@@ -154,7 +156,8 @@ def grpo_loss(
     loss = -masked_mean(masked_mean(per_token, mask, dim=1), None)  # eq. 3: 1/|o_i| Σ_t, then 1/G Σ_i
     with torch.no_grad():
         clip_frac = masked_mean(((ratio - 1).abs() > clip_eps).float(), mask)
-    return loss, {"kl": float(masked_mean(kl, mask)), "clip_frac": float(clip_frac)}
+        mean_kl = masked_mean(kl, mask)
+    return loss, {"kl": float(mean_kl), "clip_frac": float(clip_frac)}
 
 
 def distillation_loss(
@@ -168,7 +171,7 @@ def distillation_loss(
     kl_per_token = (teacher.exp() * (teacher - student)).sum(-1)  # (B, T)
     kl = masked_mean(kl_per_token, mask)
     loss = alpha * ce + (1 - alpha) * t * t * kl  # T² keeps gradient scale independent of T
-    return loss, {"ce": float(ce), "kl_teacher": float(kl)}
+    return loss, {"ce": float(ce.detach()), "kl_teacher": float(kl.detach())}
 
 
 def load_balancing_loss(router_probs: Tensor, expert_index: Tensor, n_experts: int) -> Tensor:

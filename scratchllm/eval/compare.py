@@ -1,0 +1,70 @@
+"""Measure every checkpoint of a run on the same held-out sets: the pipeline's comparison table.
+
+Rows: validation bits-per-byte, end-of-reply rate, task pass@1 (greedy), reward-model accuracy, learned
+reward and gold-judge score of held-out replies, KL to SFT. Columns: pretrain, SFT, DPO, PPO, GRPO.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scratchllm.data.batches import sequential_windows
+from scratchllm.data.jsonl import read_conversations, read_preferences, read_tasks
+from scratchllm.eval.chat_eval import end_of_reply_rate, generate_replies, task_pass_at_1
+from scratchllm.eval.metrics import evaluate_lm, token_byte_lengths
+from scratchllm.model.heads import load_scalar_model
+from scratchllm.train.checkpoint import load_model
+from scratchllm.train.loop import resolve_device
+
+
+@torch.no_grad()
+def compare_checkpoints(
+    checkpoints: dict[str, Path], reward_model: Path, data_dir: Path, quick: bool = False, device: str = "auto"
+) -> dict[str, dict[str, float | None]]:
+    dev = resolve_device(device)
+    n_val_convs, n_tasks, n_prefs, n_windows = (16, 22, 16, 2) if quick else (200, 440, 150, 24)
+    convs = read_conversations(data_dir / "chat" / "sft_val.jsonl")[:n_val_convs]
+    tasks = read_tasks(data_dir / "chat" / "tasks_val.jsonl")[:n_tasks]
+    pairs = read_preferences(data_dir / "chat" / "prefs_val.jsonl")[:n_prefs]
+    rm = load_scalar_model(reward_model, dev)[0] if (reward_model / "model.safetensors").exists() else None
+    sft = load_model(checkpoints["sft"], dev)[0] if "sft" in checkpoints else None
+    rm_accuracy = None
+    summary = reward_model.parent / "summary.json"
+    if summary.exists():
+        import json
+
+        rm_accuracy = json.loads(summary.read_text())["summary"].get("rm_accuracy")
+    results: dict[str, dict[str, float | None]] = {}
+    val_tokens_cache: dict[str, Any] = {}
+    for stage, path in checkpoints.items():
+        model, tok, _ = load_model(path, dev)
+        row: dict[str, float | None] = {}
+        key = tok.fingerprint()
+        if key not in val_tokens_cache:
+            from scratchllm.data.shards import split_documents
+
+            text_docs = [d for p in sorted((data_dir / "pretrain" / "val").glob("*.txt")) for d in split_documents(p.read_text())]
+            ids: list[int] = []
+            for doc in text_docs:
+                ids += tok.encode(doc) + [tok.eos_id]
+            import numpy as np
+
+            val_tokens_cache[key] = np.array(ids, dtype=np.int64)
+        windows = sequential_windows(val_tokens_cache[key], min(256, model.config.max_seq_len), 16, n_windows)
+        row["val_bpb"] = evaluate_lm(model, windows, token_byte_lengths(tok, tok.vocab_size))["val_bpb"]
+        row["end_rate"] = end_of_reply_rate(model, tok, convs)
+        row["pass_at_1"] = task_pass_at_1(model, tok, tasks)["pass_at_1"]
+        row["rm_accuracy"] = rm_accuracy if stage == "sft" else None
+        if rm is not None and sft is not None:
+            from scratchllm.train.stages.ppo import score_replies
+
+            replies = generate_replies(model, tok, [p["prompt"] for p in pairs], 32)
+            scored = score_replies(model, sft, rm, tok, pairs, replies, dev)
+            row["learned_reward"], row["gold_score"] = scored["learned_reward"], scored["gold_score"]
+            row["kl_to_sft"] = scored["kl_to_sft"]
+        results[stage] = row
+        print(f"[compare] {stage}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float)))
+    return results
