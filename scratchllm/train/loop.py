@@ -105,6 +105,7 @@ def train(
     sample_prompts: list[str] | None = None,
 ) -> dict[str, float]:
     """Train `model` on `stage` in `run_dir` (= runs/<name>/<stage>); return the final held-out metrics."""
+    run_dir = Path(run_dir)
     device = resolve_device(loop.device)
     dist.init_from_env(device.type)
     torch.manual_seed(loop.seed)
