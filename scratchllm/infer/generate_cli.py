@@ -1,0 +1,87 @@
+"""`scratchllm generate`: stream a continuation (or a chat reply with --chat) from a checkpoint.
+
+Text is streamed through the tokenizer's incremental decoder, so a half UTF-8 character is never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from scratchllm.infer.engine import generate
+from scratchllm.infer.sampling import SamplingParams
+from scratchllm.tokenizer.bpe import StreamDecoder
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.1)
+    parser.add_argument("--presence-penalty", type=float, default=0.0)
+    parser.add_argument("--frequency-penalty", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--device", default="cpu")
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                          frequency_penalty=args.frequency_penalty)
+
+
+def stream_text(model, tok, prompt_ids: list[int], args: argparse.Namespace, out=sys.stdout) -> str:
+    """Generate, print as it comes, stop at the end tokens or a stop string; returns the text."""
+    decoder = StreamDecoder(tok)
+    text = ""
+    stop_ids = {tok.eos_id, tok.im_end_id}
+    for step in generate(model, [prompt_ids], args.max_new_tokens, sampling_from_args(args), stop_ids, args.seed, tok.pad_id):
+        token = int(step.tokens[0])
+        if token in stop_ids:
+            break
+        piece = decoder.push(token)
+        text += piece
+        hit = next((s for s in args.stop if s in text), None)
+        if hit:
+            piece = piece[: len(piece) - (len(text) - text.index(hit))] if text.index(hit) < len(text) else piece
+            out.write(piece)
+            return text[: text.index(hit)]
+        out.write(piece)
+        out.flush()
+    tail = decoder.flush()
+    out.write(tail)
+    return text + tail
+
+
+def load_for_inference(checkpoint: Path, device: str):
+    from scratchllm.train.checkpoint import load_model
+
+    model, tok, _ = load_model(checkpoint, device)
+    return model, tok
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="scratchllm generate", description=__doc__)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a model directory, e.g. runs/default/sft/final")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user message")
+    add_sampling_args(parser)
+    args = parser.parse_args(argv)
+    model, tok = load_for_inference(args.checkpoint, args.device)
+    if args.chat:
+        from scratchllm.tokenizer.chat import render_for_completion
+
+        prompt_ids = render_for_completion(tok, [{"role": "user", "content": args.prompt}])
+    else:
+        prompt_ids = tok.encode(args.prompt)
+        print(args.prompt, end="")
+    with torch.no_grad():
+        stream_text(model, tok, prompt_ids, args)
+    print()
+    return 0

@@ -1,0 +1,35 @@
+"""The whole pipeline at toy scale: every stage runs, every artefact and report row exists and is finite."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from scratchllm.eval.report import COMPARISON_ROWS
+from scratchllm.pipeline import main
+
+CORPUS = Path(__file__).resolve().parents[1] / "corpus"
+
+
+def test_toy_pipeline_end_to_end_and_resumes(tmp_path: Path, capsys) -> None:
+    assert main(["--toy", "--runs-dir", str(tmp_path), "--name", "toy", "--corpus", str(CORPUS)]) == 0
+    root = tmp_path / "toy"
+    for stage in ("pretrain", "sft", "dpo", "ppo", "grpo"):
+        assert (root / stage / "final" / "model.safetensors").exists(), stage
+        assert (root / stage / "DONE.json").exists()
+    assert (root / "reward" / "final" / "model.safetensors").exists()
+    comparison = json.loads((root / "comparison.json").read_text())
+    assert set(comparison) == {"pretrain", "sft", "dpo", "ppo", "grpo"}
+    for stage, row in comparison.items():
+        for key in ("val_bpb", "end_rate", "pass_at_1", "learned_reward", "gold_score", "kl_to_sft"):
+            assert isinstance(row[key], float) and math.isfinite(row[key]), (stage, key)
+    report = (root / "report.md").read_text()
+    for _, label, _ in COMPARISON_ROWS:
+        assert label in report
+    assert (root / "pretrain_curves.png").exists() and (root / "sft_curves.png").exists()
+    assert "scratchllm chat --checkpoint" in capsys.readouterr().out
+    # A second invocation skips every finished stage.
+    assert main(["--toy", "--runs-dir", str(tmp_path), "--name", "toy", "--corpus", str(CORPUS), "--skip-report"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("already done, skipping") == 7

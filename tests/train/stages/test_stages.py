@@ -1,0 +1,83 @@
+"""Each post-training stage moves its headline metric on a tiny run and changes the parameters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from scratchllm.train.checkpoint import load_model
+from scratchllm.train.stages import dpo, grpo, ppo, reward, sft
+from tests.train.stages.conftest import first_and_last_eval
+
+FAST = ["--loop.eval_every=0", "--loop.checkpoint_every=0", "--loop.device=cpu", "--loop.max_time_s=0"]
+
+
+@pytest.fixture(scope="module")
+def sft_model(tiny_world, tmp_path_factory) -> tuple[Path, Path]:
+    data, base = tiny_world
+    root = tmp_path_factory.mktemp("sft")
+    sft.run(root, base, data, FAST + ["--loop.max_steps=60", "--loop.batch_size=16", "--optim.lr=3e-3",
+                                      "--sft.eval_prompts=16", "--sft.eval_tasks=22"])
+    return root, data
+
+
+def test_sft_lowers_assistant_loss_and_learns_to_stop(sft_model, tiny_world) -> None:
+    root, _ = sft_model
+    before, after = first_and_last_eval(root / "sft")
+    assert after["val_loss"] < before["val_loss"] - 1.0
+    assert after["end_rate"] > before["end_rate"] and after["end_rate"] >= 0.5
+    base, _, _ = load_model(tiny_world[1])
+    tuned, _, _ = load_model(root / "sft" / "final")
+    assert not torch.equal(base.layers[0].mlp.up_proj.weight, tuned.layers[0].mlp.up_proj.weight)
+
+
+def test_reward_model_ranks_held_out_pairs(sft_model) -> None:
+    root, data = sft_model
+    reward.run(root, root / "sft" / "final", data, FAST + ["--loop.max_steps=40", "--loop.batch_size=16", "--optim.lr=1e-3"])
+    before, after = first_and_last_eval(root / "reward")
+    assert after["rm_accuracy"] >= 0.7 and after["rm_accuracy"] > before["rm_accuracy"] + 0.15
+
+
+def test_dpo_raises_implicit_reward_accuracy(sft_model) -> None:
+    root, data = sft_model
+    dpo.run(root, root / "sft" / "final", data, FAST + ["--loop.max_steps=25", "--loop.batch_size=16", "--optim.lr=1e-3"])
+    before, after = first_and_last_eval(root / "dpo")
+    assert after["dpo_margin"] > before["dpo_margin"] + 0.1
+    assert after["dpo_accuracy"] > 0.6
+
+
+def test_ppo_raises_a_trivially_learnable_reward(sft_model, monkeypatch) -> None:
+    root, data = sft_model
+    reward.run(root, root / "sft" / "final", data, FAST + ["--loop.max_steps=1"])  # any reward model: replaced below
+    _, tok, _ = load_model(root / "sft" / "final")
+    target = tok.encode("The")[0]
+
+    def starts_with_target(reward_model, rollout, device):
+        first = torch.tensor([int(ids[mask].tolist()[0]) for ids, mask in zip(rollout.ids, rollout.response_mask)])
+        return (first == target).float().to(device) * 2 - 1
+
+    monkeypatch.setattr(ppo, "reward_model_scores", starts_with_target)
+    ppo.run(root, root / "sft" / "final", data, FAST + ["--loop.max_steps=24", "--optim.lr=3e-3", "--ppo.rollout_batch=16",
+                                                       "--ppo.max_new_tokens=6", "--ppo.eval_prompts=8", "--ppo.kl_coef=0.0"])
+    rewards = [r["reward"] for r in _train_rows(root / "ppo")]
+    assert sum(rewards[-6:]) / 6 > sum(rewards[:6]) / 6 + 0.3
+
+
+def test_grpo_raises_a_trivially_learnable_reward(sft_model, monkeypatch) -> None:
+    root, data = sft_model
+    monkeypatch.setattr(grpo, "composite_reward", lambda text, task: float(text.startswith("The")))
+    grpo.run(root, root / "sft" / "final", data, FAST + ["--loop.max_steps=20", "--optim.lr=3e-3", "--grpo.prompts_per_step=4",
+                                                        "--grpo.group_size=6", "--grpo.max_new_tokens=6"])
+    rows = _train_rows(root / "grpo")
+    rewards = [r["reward"] for r in rows]
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.2
+    assert all("groups_with_signal" in r for r in rows)
+
+
+def _train_rows(stage_dir: Path) -> list[dict]:
+    import json
+
+    rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == "train" and "reward" in r]
