@@ -146,7 +146,7 @@ class LoRAConfig:
 @dataclass
 class SFTConfig:
     max_len: int = 256  # conversations longer than this are truncated (loss mask follows)
-    eval_prompts: int = 200  # held-out conversations for the end-of-reply rate
+    eval_prompts: int = 100  # held-out conversations for the end-of-reply rate
     eval_tasks: int = 440  # held-out verifiable tasks for pass@1 (the whole tasks_val split)
 
 
@@ -173,7 +173,7 @@ class PPOConfig:
     temperature: float = 1.0
     value_coef: float = 0.5
     max_kl: float = 10.0  # guard: stop with a message when mean KL (nats per reply) passes this
-    eval_prompts: int = 150  # held-out preference prompts scored by the reward model and the gold judge
+    eval_prompts: int = 100  # held-out preference prompts scored by the reward model and the gold judge
 
 
 @dataclass

@@ -52,7 +52,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--preset", default="mini", help="model preset (tiny for a toy run, mini for CPU)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     parser.add_argument("--corpus", type=Path, default=Path("corpus"), help="bundled data directory")
-    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--only", default="", help=f"comma-separated subset of {','.join(STAGES)}")
     for stage in STAGES:
         parser.add_argument(f"--skip-{stage}", action="store_true", help=f"skip the {stage} stage")
@@ -65,7 +65,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 # Default time budgets (seconds) per stage on the 2-core CPU, summing to well under 15 minutes with eval.
-BUDGET_S: dict[str, float] = {"pretrain": 300, "sft": 150, "reward": 45, "dpo": 45, "ppo": 75, "grpo": 100}
+BUDGET_S: dict[str, float] = {"pretrain": 270, "sft": 140, "reward": 40, "dpo": 40, "ppo": 70, "grpo": 100}
 TOY_STEPS: dict[str, int] = {"pretrain": 6, "sft": 6, "reward": 6, "dpo": 4, "ppo": 3, "grpo": 3}
 
 
