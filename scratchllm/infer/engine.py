@@ -29,12 +29,17 @@ def generate(
     model: GPT,
     prompts: list[list[int]],
     max_new_tokens: int,
-    params: SamplingParams | None = None,
+    params: SamplingParams | list[SamplingParams] | None = None,
     stop_ids: set[int] | frozenset[int] = frozenset(),
-    seed: int | None = None,
+    seed: int | list[int | None] | None = None,
     pad_id: int = 0,
 ) -> Iterator[Step]:
-    """Yield one `Step` per generated position until every row stopped or max_new_tokens is reached."""
+    """Yield one `Step` per generated position until every row stopped or max_new_tokens is reached.
+
+    `params` and `seed` may be given per row (the server batches requests with different settings). Each
+    row samples from its own generator (seed + row for an int seed), so a row's text does not depend on
+    what else is in the batch.
+    """
     params = params or SamplingParams()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -50,15 +55,22 @@ def generate(
         mask[row, longest - len(prompt) : longest] = True
     V = model.config.vocab_size
     counts = torch.zeros(B, V, device=device)  # generated-token counts for the penalties
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    row_params = params if isinstance(params, list) else [params] * B
+    seeds = seed if isinstance(seed, list) else [None if seed is None else seed + row for row in range(B)]
+    generators = [None if s is None else torch.Generator(device=device).manual_seed(s) for s in seeds]
+    uniform = not isinstance(params, list) and seed is None  # one vectorised sampling call for the whole batch
     cache = KVCache(model.config, B, longest + budget, device=device, dtype=next(model.parameters()).dtype)
     logits = model(ids, kv_cache=cache, attention_mask=mask[:, :longest])[:, -1]
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     for step in range(budget):
-        next_ids = sample(process_logits(logits, counts, params), params, generator)
+        if uniform:
+            next_ids = sample(process_logits(logits, counts, row_params[0]), row_params[0])
+        else:
+            next_ids = torch.cat([
+                sample(process_logits(logits[r : r + 1], counts[r : r + 1], row_params[r]), row_params[r], generators[r])
+                for r in range(B)
+            ])
         active = ~finished
         next_ids = torch.where(active, next_ids, torch.full_like(next_ids, pad_id))
         counts[active, next_ids[active]] += 1
@@ -74,9 +86,9 @@ def generate_batch(
     model: GPT,
     prompts: list[list[int]],
     max_new_tokens: int,
-    params: SamplingParams | None = None,
+    params: SamplingParams | list[SamplingParams] | None = None,
     stop_ids: set[int] | frozenset[int] = frozenset(),
-    seed: int | None = None,
+    seed: int | list[int | None] | None = None,
     pad_id: int = 0,
 ) -> tuple[list[list[int]], list[bool]]:
     """All generated ids per row (including the stop token if one was hit) and whether each row stopped."""

@@ -71,9 +71,24 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--checkpoint", type=Path, required=True, help="a model directory, e.g. runs/default/sft/final")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user message")
+    parser.add_argument("--best-of", type=int, default=1, help="sample N chat replies, print the reward model's favourite")
+    parser.add_argument("--reward-model", type=Path, default=None, help="reward model directory for --best-of")
     add_sampling_args(parser)
     args = parser.parse_args(argv)
     model, tok = load_for_inference(args.checkpoint, args.device)
+    if args.best_of > 1:
+        if args.reward_model is None:
+            parser.error("--best-of needs --reward-model DIR (e.g. runs/default/reward/final)")
+        from scratchllm.infer.best_of_n import best_of_n
+        from scratchllm.model.heads import load_scalar_model
+
+        reward_model, _ = load_scalar_model(args.reward_model, args.device)
+        best, scored = best_of_n(model, reward_model, tok, [{"role": "user", "content": args.prompt}], args.best_of,
+                                 args.max_new_tokens, sampling_from_args(args), args.seed)
+        for text, score in sorted(scored, key=lambda pair: -pair[1]):
+            print(f"  [{score:+.3f}] {text}")
+        print(best)
+        return 0
     if args.chat:
         from scratchllm.tokenizer.chat import render_for_completion
 
