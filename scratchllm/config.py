@@ -158,6 +158,9 @@ class RewardConfig:
 @dataclass
 class DPOConfig:
     beta: float = 0.1  # strength of the implicit KL constraint (Rafailov et al. 2023)
+    eval_pairs: int = 350  # held-out preference pairs (the whole prefs_val split)
+    eval_prompts: int = 100  # held-out conversations for the end-of-reply rate
+    eval_tasks: int = 440  # held-out verifiable tasks for pass@1
 
 
 @dataclass
@@ -185,6 +188,7 @@ class GRPOConfig:
     max_new_tokens: int = 24  # canonical replies are ~8-15 tokens
     temperature: float = 1.0
     epochs: int = 1  # policy updates per rollout batch
+    eval_tasks: int = 440  # held-out verifiable tasks for pass@1 (the whole tasks_val split)
 
 
 @dataclass

@@ -68,7 +68,8 @@ def plot_stage_curves(run_dir: Path, stages: list[str], out_dir: Path) -> list[P
             {k for r in rows if r.get("split") == "eval" for k, v in r.items() if isinstance(v, (int, float))}
             - {"step", "time_s"}
         )
-        train_keys = [k for k in ("loss", "reward", "kl") if _series(rows, k, "train")[0]]
+        eval_keys = [k for k in eval_keys if "/" not in k]  # per-family / per-rule breakdowns stay in the JSON
+        train_keys = [k for k in ("loss", "reward", "kl", "groups_with_signal") if _series(rows, k, "train")[0]]
         panels = [(k, "train") for k in train_keys] + [(k, "eval") for k in eval_keys]
         if not panels:
             continue
@@ -129,7 +130,8 @@ def write_report(
     lines += ["## Stages", "", "| stage | time (s) | headline |", "|---|---:|---|"]
     for stage, summary in stage_summaries.items():
         headline = ", ".join(
-            f"{k}={_fmt(v)}" for k, v in summary.items() if k != "time_s" and isinstance(v, (int, float))
+            f"{k}={_fmt(v)}" for k, v in summary.items()
+            if k != "time_s" and "/" not in k and isinstance(v, (int, float))
         )
         lines.append(f"| {stage} | {_fmt(summary.get('time_s'))} | {headline} |")
     lines.append("")

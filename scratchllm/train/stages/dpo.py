@@ -93,10 +93,11 @@ def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overri
     stage_dir = Path(run_root) / "dpo"
     sections = resolve_sections(base_sections(DEFAULT_LOOP, DEFAULT_OPTIM, dpo=DPOConfig()), overrides)
     data_dir = Path(data_dir)
+    cfg = sections["dpo"]
     train_pairs = read_preferences(data_dir / "prefs_train.jsonl")
-    val_pairs = read_preferences(data_dir / "prefs_val.jsonl")
-    val_convs = read_conversations(data_dir / "sft_val.jsonl")[:100]
-    val_tasks = read_tasks(data_dir / "tasks_val.jsonl")
+    val_pairs = read_preferences(data_dir / "prefs_val.jsonl")[: cfg.eval_pairs]
+    val_convs = read_conversations(data_dir / "sft_val.jsonl")[: cfg.eval_prompts]
+    val_tasks = read_tasks(data_dir / "tasks_val.jsonl")[: cfg.eval_tasks]
     model, tok, _ = load_model(init)
     sections["model"] = model.config
     reference = copy.deepcopy(model)

@@ -51,12 +51,11 @@ class GRPOStage:
     def batches(self, split: str) -> Iterator[dict[str, Any]]:
         while True:
             batch = self._rollout_batch()
-            if batch is not None:
-                for _ in range(self.cfg.epochs):
-                    yield batch
+            for _ in range(self.cfg.epochs):
+                yield batch
 
     @torch.no_grad()
-    def _rollout_batch(self) -> dict[str, Any] | None:
+    def _rollout_batch(self) -> dict[str, Any]:
         assert self.policy is not None, "the loop calls loss() before batches are drawn; policy is set there"
         rng = random.Random(self.seed * 7919 + self.position)
         self.position += 1
@@ -72,9 +71,10 @@ class GRPOStage:
         keep = has_signal.repeat_interleave(G)
         stats = {"reward": float(rewards.mean()), "groups_with_signal": float(has_signal.float().mean()),
                  "reply_len": float(rollout.response_mask.sum(1).float().mean())}
-        if not keep.any():  # every group was all-right or all-wrong: no gradient, draw again
-            self.last_stats = stats
-            return None
+        if not keep.any():
+            # subtle: every group was all-right or all-wrong. Redrawing until one is not can loop forever
+            # (an untrained policy scores 0 everywhere), so take the step: only the KL term pulls.
+            keep = torch.ones_like(keep)
         device = next(self.policy.parameters()).device
         self.reference.to(device)
         old, mask = rollout_logprobs(self.policy, rollout, device)
@@ -113,12 +113,12 @@ def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overri
     stage_dir = Path(run_root) / "grpo"
     sections = resolve_sections(base_sections(DEFAULT_LOOP, DEFAULT_OPTIM, grpo=GRPOConfig()), overrides)
     train_tasks = read_tasks(Path(data_dir) / "tasks_train.jsonl")
-    val_tasks = read_tasks(Path(data_dir) / "tasks_val.jsonl")
+    val_tasks = read_tasks(Path(data_dir) / "tasks_val.jsonl")[: sections["grpo"].eval_tasks]
     model, tok, _ = load_model(init)
     sections["model"] = model.config
     reference = copy.deepcopy(model)
     maybe_inject_lora(model, sections["lora"])
-    stage = GRPOStage(tok, reference, train_tasks, val_tasks, sections["grpo"], sections["loop"].seed)
+    stage = GRPOStage(tok, reference, train_tasks, val_tasks, sections["grpo"], sections["loop"].seed, composite_reward)
     stage.sections = sections
     stage.policy = model
     metrics = train(model.train(), stage, sections["optim"], sections["loop"], stage_dir, resume=resume, tokenizer=tok,

@@ -51,18 +51,16 @@ def test_dpo_raises_implicit_reward_accuracy(sft_model) -> None:
 def test_ppo_raises_a_trivially_learnable_reward(sft_model, monkeypatch) -> None:
     root, data = sft_model
     reward.run(root, root / "sft" / "final", data, FAST + ["--loop.max_steps=1"])  # any reward model: replaced below
-    _, tok, _ = load_model(root / "sft" / "final")
-    target = tok.encode("The")[0]
 
-    def starts_with_target(reward_model, rollout, device):
-        first = torch.tensor([int(ids[mask].tolist()[0]) for ids, mask in zip(rollout.ids, rollout.response_mask)])
-        return (first == target).float().to(device) * 2 - 1
+    def shorter_is_better(reward_model, rollout, device):  # a dense toy reward: 1 for a 1-token reply, -1 for 6
+        lengths = rollout.response_mask.sum(1).float()
+        return (1 - 2 * (lengths - 1) / 5).to(device)
 
-    monkeypatch.setattr(ppo, "reward_model_scores", starts_with_target)
+    monkeypatch.setattr(ppo, "reward_model_scores", shorter_is_better)
     ppo.run(root, root / "sft" / "final", data, FAST + ["--loop.max_steps=24", "--optim.lr=3e-3", "--ppo.rollout_batch=16",
                                                        "--ppo.max_new_tokens=6", "--ppo.eval_prompts=8", "--ppo.kl_coef=0.0"])
     rewards = [r["reward"] for r in _train_rows(root / "ppo")]
-    assert sum(rewards[-6:]) / 6 > sum(rewards[:6]) / 6 + 0.3
+    assert sum(rewards[-6:]) / 6 > sum(rewards[:6]) / 6 + 0.3, rewards
 
 
 def test_grpo_raises_a_trivially_learnable_reward(sft_model, monkeypatch) -> None:
