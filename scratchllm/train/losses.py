@@ -1,6 +1,7 @@
-"""Every training objective as a pure function of tensors: CE, Bradley–Terry, DPO, GAE, PPO-clip, GRPO, KL, distillation.
+"""Every training objective as a pure function of tensors: CE, Bradley–Terry, DPO, GAE, PPO-clip, GRPO, KL, distillation, MoE aux.
 
-Masks are booleans, True = the position counts. Stages call these; none of them touches a model, so each
+Masks are booleans, True = the position counts. Reductions are masked means over counted tokens unless a docstring
+says otherwise (GRPO averages per reply first, as its paper does). Stages call these; none touches a model, so each
 is checked against hand-computed values in tests/train/test_losses.py.
 """
 
@@ -12,6 +13,7 @@ from torch import Tensor
 
 
 def masked_mean(x: Tensor, mask: Tensor | None, dim: int | None = None) -> Tensor:
+    """Mean of x over positions where mask is True (all positions if mask is None); 0 where nothing counts."""
     if mask is None:
         return x.mean() if dim is None else x.mean(dim)
     mask = mask.to(x.dtype)
@@ -21,13 +23,20 @@ def masked_mean(x: Tensor, mask: Tensor | None, dim: int | None = None) -> Tenso
 
 
 def cross_entropy_loss(logits: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Mean next-token CE over counted positions. logits (B, T, V), targets (B, T), mask (B, T)."""
+    """Mean next-token CE, -log softmax(logits)[target], over counted positions. logits (B, T, V), targets/mask (B, T).
+
+    Computed in float32 whatever the logits dtype: a bf16 log-softmax over a large vocabulary loses the small
+    probabilities that the loss is made of. Every counted token weighs the same (not every sequence).
+    """
     per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
     return masked_mean(per_token, None if mask is None else mask.flatten())
 
 
 def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor, margin: float = 0.0) -> tuple[Tensor, dict[str, float]]:
-    """-log σ(r_c - r_r - m) (InstructGPT, Ouyang et al. 2022, arXiv:2203.02155 eq. 1). r_* (B,)."""
+    """Reward-model loss -log σ(r_c - r_r - m) (InstructGPT, Ouyang et al. 2022, arXiv:2203.02155 eq. 1). r_* (B,).
+
+    The optional margin m (Llama 2 §3.2.2) asks for a gap of at least m. Diagnostics: pair accuracy, mean gap.
+    """
     gap = r_chosen - r_rejected
     loss = -F.logsigmoid(gap - margin).mean()  # eq. 1
     gap = gap.detach()
@@ -35,14 +44,19 @@ def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor, margin: float = 0.0
 
 
 def dpo_loss(
-    policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, beta: float
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
 ) -> tuple[Tensor, dict[str, float]]:
     """DPO (Rafailov et al. 2023, arXiv:2305.18290 eq. 7): -log σ(β[Δ(y_w) - Δ(y_l)]), Δ = log π_θ - log π_ref.
 
-    Inputs are summed response log-probs, shape (B,). The implicit reward of a reply is β·Δ.
+    Inputs are summed response log-probs, shape (B,). The implicit reward of a reply is β·Δ (eq. 5 up to a
+    prompt-only term that cancels); accuracy is the share of pairs where the chosen reply's reward is higher.
     """
-    reward_chosen = beta * (policy_chosen - ref_chosen)
-    reward_rejected = beta * (policy_rejected - ref_rejected)
+    reward_chosen = beta * (policy_chosen_logps - ref_chosen_logps)
+    reward_rejected = beta * (policy_rejected_logps - ref_rejected_logps)
     loss = -F.logsigmoid(reward_chosen - reward_rejected).mean()  # eq. 7
     reward_chosen, reward_rejected = reward_chosen.detach(), reward_rejected.detach()
     return loss, {
@@ -53,40 +67,54 @@ def dpo_loss(
     }
 
 
-def kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    """Per-token k1 = log π(x) - log π_ref(x) for x ~ π: unbiased for KL(π‖π_ref), can be negative (Schulman 2020)."""
-    return logprobs - ref_logprobs
+def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Per-token k1 = -log r = log π(x) - log π_ref(x), r = π_ref/π, x ~ π (Schulman 2020, "Approximating KL divergence").
+
+    Unbiased for KL(π‖π_ref) but high-variance, and negative whenever π_ref(x) > π(x). Any shape.
+    """
+    return logp - ref_logp
 
 
-def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    """Per-token k3 = r - 1 - log r with r = π_ref/π: unbiased and always >= 0 (Schulman 2020; GRPO eq. 4)."""
-    log_ratio = ref_logprobs - logprobs
-    return torch.expm1(log_ratio) - log_ratio  # expm1: exp(x)-1 rounds below x for tiny x; this never does
+def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Per-token k3 = (r - 1) - log r, r = π_ref(x)/π(x), x ~ π (Schulman 2020; GRPO arXiv:2402.03300 eq. 4).
+
+    Unbiased for KL(π‖π_ref) (E_π[r] = 1) and never negative, since log r ≤ r - 1. Any shape.
+    """
+    log_ratio = ref_logp - logp
+    # subtle: exp(x) - 1 - x cancels catastrophically for tiny x; expm1 keeps the result ≥ 0 in floating point too
+    return torch.expm1(log_ratio) - log_ratio  # eq. 4
 
 
+@torch.no_grad()
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation (Schulman et al. 2015, arXiv:1506.02438 eq. 16).
 
-    δ_t = r_t + γ V(s_{t+1}) - V(s_t);  A_t = Σ_l (γλ)^l δ_{t+l}. rewards/values/mask (B, T); positions
-    after a row's last counted token are neither bootstrapped from nor given advantage.
-    Returns (advantages, returns = advantages + values), zero outside the mask.
+    δ_t = r_t + γ V(s_{t+1}) - V(s_t);  A_t = Σ_l (γλ)^l δ_{t+l}, computed backwards as A_t = δ_t + γλ A_{t+1}.
+    rewards/values/mask (B, T), each row's counted positions one contiguous span (a reply). The episode ends at the
+    row's last counted token: V after it is 0 (no bootstrapping from padding) and no advantage flows back from it.
+    Returns (advantages, returns = advantages + values), both (B, T), zero outside the mask, without gradient
+    (they are regression and policy-gradient targets).
     """
     mask_f = mask.to(values.dtype)
     values = values * mask_f
     advantages = torch.zeros_like(values)
     running = torch.zeros_like(values[:, 0])
-    T = values.shape[1]
-    for t in reversed(range(T)):
-        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(running)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = delta + gamma * lam * running * (mask_f[:, t + 1] if t + 1 < T else 0.0)  # eq. 16
-        running = running * mask_f[:, t]
+    next_value = torch.zeros_like(running)
+    next_counted = torch.zeros_like(running)
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value * next_counted - values[:, t]
+        running = (delta + gamma * lam * running * next_counted) * mask_f[:, t]  # eq. 16
         advantages[:, t] = running
+        next_value, next_counted = values[:, t], mask_f[:, t]
     return advantages, (advantages + values) * mask_f
 
 
 def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """(x - mean) / std over counted positions; with shift_mean=False the mean is restored (TRL's reward whitening)."""
+    """(x - mean) / std over counted positions, zero elsewhere; shift_mean=False keeps the mean (scale only).
+
+    Uses the population variance (divide by the count); with few tokens this is a slightly larger scale than
+    Bessel's correction would give, which only matters for tiny batches.
+    """
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     out = (x - mean) * torch.rsqrt(var + eps)
@@ -98,9 +126,11 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) 
 def ppo_clip_loss(
     logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float
 ) -> tuple[Tensor, dict[str, float]]:
-    """PPO-clip (Schulman et al. 2017, arXiv:1707.06347 eq. 7): -E[min(ρA, clip(ρ, 1-ε, 1+ε)A)], ρ = π/π_old.
+    """PPO-clip (Schulman et al. 2017, arXiv:1707.06347 eq. 7): -E_t[min(ρ_t A_t, clip(ρ_t, 1-ε, 1+ε) A_t)], ρ = π/π_old.
 
-    All inputs (B, T) per token. approx_kl is the k3 estimate of KL(π_old‖π) on the sampled tokens.
+    All inputs (B, T) per token; the expectation is a mean over every counted token of the batch. Diagnostics:
+    clip_frac (share of tokens with |ρ-1| > ε), approx_kl = mean of k3 = (ρ - 1) - log ρ, an estimate of
+    KL(π_old‖π) on tokens sampled from π_old, ratio_mean and ratio_max (explosions show here first).
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
@@ -111,27 +141,40 @@ def ppo_clip_loss(
         clip_frac = masked_mean(((ratio - 1).abs() > clip_eps).float(), mask)
         approx_kl = masked_mean(ratio - 1 - log_ratio, mask)
         ratio_max = float(ratio[mask].max()) if mask.any() else 1.0
-    return loss, {"clip_frac": float(clip_frac), "approx_kl": float(approx_kl), "ratio_max": ratio_max}
+        ratio_mean = masked_mean(ratio, mask)
+    return loss, {"clip_frac": float(clip_frac), "approx_kl": float(approx_kl),
+                  "ratio_mean": float(ratio_mean), "ratio_max": ratio_max}
 
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_eps: float) -> Tensor:
-    """½·max((V - R)², (clip(V, V_old ± ε) - R)²): the clipped value loss of PPO implementations (Andrychowicz et al. 2021)."""
+    """½·E_t[max((V - R)², (V_old + clip(V - V_old, -ε, ε) - R)²)]: PPO's clipped value loss. All (B, T).
+
+    Not in the PPO paper: it comes from OpenAI baselines' ppo2 and is studied in Andrychowicz et al. 2021
+    (arXiv:2006.05990); the max makes it pessimistic, like the policy clip.
+    """
     clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
     return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
-def grpo_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> tuple[Tensor, Tensor]:
-    """Group-relative advantages (Shao et al. 2024, arXiv:2402.03300 §4.1.2): Â_i = (r_i - mean(r)) / std(r).
+def group_has_signal(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
+    """(N·G,) rewards grouped consecutively -> (N,) bool: False where all G rewards are equal (TRL #2703).
 
-    rewards (N·G,) grouped consecutively. Returns (advantages (N·G,), has_signal (N,)): a group whose
-    rewards are all equal has zero advantage and teaches nothing (TRL #2703).
+    Such a group has zero advantage everywhere, so it only dilutes the batch; the GRPO stage drops and counts it.
+    """
+    return rewards.view(-1, group_size).std(dim=1, unbiased=False) > eps
+
+
+def grpo_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> tuple[Tensor, Tensor]:
+    """Group-relative advantages (Shao et al. 2024, arXiv:2402.03300 §4.1.2): Â_i = (r_i - mean(r)) / (std(r) + eps).
+
+    rewards (N·G,) with each prompt's G replies consecutive. std is the population std (divide by G).
+    Returns (advantages (N·G,), has_signal (N,) from group_has_signal).
     """
     grouped = rewards.view(-1, group_size)
     mean = grouped.mean(dim=1, keepdim=True)
     std = grouped.std(dim=1, keepdim=True, unbiased=False)
-    has_signal = std.squeeze(1) > eps
     advantages = (grouped - mean) / (std + eps)
-    return advantages.flatten(), has_signal
+    return advantages.flatten(), group_has_signal(rewards, group_size, eps)
 
 
 def grpo_loss(
@@ -145,46 +188,60 @@ def grpo_loss(
 ) -> tuple[Tensor, dict[str, float]]:
     """GRPO objective (arXiv:2402.03300 eq. 3) with the k3 KL to the reference (eq. 4), negated for descent.
 
-    Per token: min(ρÂ, clip(ρ, 1±ε)Â) - β·KL_k3; averaged over each reply's tokens, then over replies (eq. 3).
-    logprobs/old/ref/mask (B, T); advantages (B,) one per reply.
+    J = 1/G Σ_i 1/|o_i| Σ_t [min(ρ_t Â_i, clip(ρ_t, 1-ε, 1+ε) Â_i) - β·KL_k3], ρ_t = π/π_old per token.
+    Normalisation as in the paper: mean over each reply's tokens, then mean over replies (so a short reply's
+    tokens weigh more than a long one's; DAPO's token-level mean is the alternative, not used here). Replies with
+    no counted token are left out of the mean. logprobs/old/ref/mask (B, T); advantages (B,), one per reply.
     """
     ratio = torch.exp(logprobs - old_logprobs)
     adv = advantages[:, None]
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
     kl = kl_k3(logprobs, ref_logprobs)  # eq. 4
     per_token = surrogate - kl_coef * kl
-    loss = -masked_mean(masked_mean(per_token, mask, dim=1), None)  # eq. 3: 1/|o_i| Σ_t, then 1/G Σ_i
+    per_reply = masked_mean(per_token, mask, dim=1)  # 1/|o_i| Σ_t
+    loss = -masked_mean(per_reply, mask.any(dim=1))  # eq. 3: 1/G Σ_i
     with torch.no_grad():
         clip_frac = masked_mean(((ratio - 1).abs() > clip_eps).float(), mask)
         mean_kl = masked_mean(kl, mask)
-    return loss, {"kl": float(mean_kl), "clip_frac": float(clip_frac)}
+        ratio_mean = masked_mean(ratio, mask)
+    return loss, {"kl": float(mean_kl), "clip_frac": float(clip_frac), "ratio_mean": float(ratio_mean)}
 
 
 def distillation_loss(
     student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, mask: Tensor | None, alpha: float, temperature: float
 ) -> tuple[Tensor, dict[str, float]]:
-    """α·CE(y, student) + (1-α)·T²·KL(softmax(teacher/T) ‖ softmax(student/T)) (Hinton et al. 2015, arXiv:1503.02531)."""
+    """Knowledge distillation (Hinton et al. 2015, arXiv:1503.02531 §2): α·CE(y, s) + (1-α)·T²·KL(p_t^T ‖ p_s^T).
+
+    p^T = softmax(logits / T) over the full vocabulary; the KL is summed over the vocabulary and averaged over
+    counted tokens. The T² factor (§2, last paragraph) keeps the soft term's gradient scale independent of T.
+    student_logits/teacher_logits (B, T, V); targets/mask (B, T).
+    """
     ce = cross_entropy_loss(student_logits, targets, mask)
     t = temperature
-    teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    teacher = F.log_softmax(teacher_logits.detach().float() / t, dim=-1)
     student = F.log_softmax(student_logits.float() / t, dim=-1)
     kl_per_token = (teacher.exp() * (teacher - student)).sum(-1)  # (B, T)
     kl = masked_mean(kl_per_token, mask)
-    loss = alpha * ce + (1 - alpha) * t * t * kl  # T² keeps gradient scale independent of T
+    loss = alpha * ce + (1 - alpha) * t * t * kl
     return loss, {"ce": float(ce.detach()), "kl_teacher": float(kl.detach())}
 
 
 def load_balancing_loss(router_probs: Tensor, expert_index: Tensor, n_experts: int) -> Tensor:
-    """Switch Transformer aux loss (Fedus et al. 2021, arXiv:2101.03961 eq. 4): E·Σ_i f_i·P_i; 1.0 when uniform.
+    """Switch Transformer aux loss (Fedus et al. 2021, arXiv:2101.03961 eq. 4): E·Σ_i f_i·P_i, without the α weight.
 
-    router_probs (N, E) softmax over experts; expert_index (N, k) chosen experts per token.
+    router_probs (N, E) softmax over experts; expert_index (N, k) experts chosen per token. f_i is the share of
+    the N·k routing slots sent to expert i (eq. 5, generalised from k=1), P_i the mean router probability (eq. 6).
+    Equals 1 for uniform routing, its minimum when f is uniform; grows to E when everything goes to one expert.
     """
     one_hot = F.one_hot(expert_index, n_experts).float().sum(dim=1)  # (N, E)
-    fraction = one_hot.mean(0) / expert_index.shape[1]  # f_i: share of routed slots
-    prob = router_probs.float().mean(0)  # P_i: mean router probability
+    fraction = one_hot.mean(0) / expert_index.shape[1]  # f_i
+    prob = router_probs.float().mean(0)  # P_i
     return n_experts * (fraction * prob).sum()  # eq. 4
 
 
 def router_z_loss(router_logits: Tensor) -> Tensor:
-    """mean(logsumexp(logits)²) keeps router logits small (ST-MoE, Zoph et al. 2022, arXiv:2202.08906 eq. 5)."""
-    return torch.logsumexp(router_logits.float(), dim=-1).pow(2).mean()
+    """Router z-loss (ST-MoE, Zoph et al. 2022, arXiv:2202.08906 eq. 5): mean over tokens of (log Σ_j e^{x_j})².
+
+    router_logits (N, E). Penalises large logits so the router's softmax stays in a numerically safe range.
+    """
+    return torch.logsumexp(router_logits.float(), dim=-1).pow(2).mean()  # eq. 5

@@ -1,10 +1,12 @@
-"""Every loss against numbers worked out by hand on 1-2 element tensors."""
+"""Every loss against numbers worked out by hand on 1-2 element tensors, plus the invariants each one promises."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from scratchllm.train.losses import (
     bradley_terry_loss,
@@ -12,12 +14,14 @@ from scratchllm.train.losses import (
     distillation_loss,
     dpo_loss,
     gae,
+    group_has_signal,
     grpo_advantages,
     grpo_loss,
     kl_k1,
     kl_k3,
     load_balancing_loss,
     ppo_clip_loss,
+    router_z_loss,
     value_loss,
     whiten,
 )
@@ -114,7 +118,7 @@ def test_grpo_loss_reduces_to_pg_at_ratio_one() -> None:
     logp = torch.tensor([[-1.0, -1.0], [-2.0, -2.0]], requires_grad=True)
     mask = torch.tensor([[True, True], [True, False]])
     loss, stats = grpo_loss(logp, logp.detach(), logp.detach(), torch.tensor([1.0, -1.0]), mask, 0.2, kl_coef=0.1)
-    assert math.isclose(float(loss), 0.0, abs_tol=1e-7) and stats["kl"] == 0.0  # (1 + -1)/2, no KL
+    assert math.isclose(float(loss.detach()), 0.0, abs_tol=1e-7) and stats["kl"] == 0.0  # (1 + -1)/2, no KL
     loss.backward()
     # ∂/∂logp of -mean_i(mean_t ρ A_i): row 0 tokens -1/2·1/2 each, row 1 token +1/2·1
     assert torch.allclose(logp.grad, torch.tensor([[-0.25, -0.25], [0.5, 0.0]]))
@@ -133,3 +137,137 @@ def test_load_balancing_minimal_for_uniform_router() -> None:
     uniform = load_balancing_loss(torch.full((n, e), 1 / e), torch.arange(n)[:, None] % e, e)
     skewed = load_balancing_loss(torch.tensor([[0.7, 0.1, 0.1, 0.1]] * n), torch.zeros(n, 1, dtype=torch.long), e)
     assert math.isclose(float(uniform), 1.0, rel_tol=1e-6) and float(skewed) > 2.0
+
+
+def test_cross_entropy_upcasts_and_unmasked_mean() -> None:
+    # logits [0, ln 3] -> p = [1/4, 3/4]; CE(target 1) = -log 3/4, CE(target 0) = log 4; mean = (log 4 - log 0.75)/2
+    logits = torch.tensor([[[0.0, math.log(3)], [0.0, math.log(3)]]])
+    targets = torch.tensor([[1, 0]])
+    expected = (math.log(4) - math.log(0.75)) / 2
+    assert math.isclose(float(cross_entropy_loss(logits, targets)), expected, rel_tol=1e-6)
+    bf16 = cross_entropy_loss(logits.bfloat16(), targets)
+    assert bf16.dtype == torch.float32 and math.isclose(float(bf16), expected, rel_tol=1e-2)
+
+
+def test_bradley_terry_gap_and_gradient_direction() -> None:
+    r_c = torch.tensor([0.5, 3.0], requires_grad=True)
+    loss, stats = bradley_terry_loss(r_c, torch.tensor([1.0, 1.0]))
+    assert stats["accuracy"] == 0.5 and math.isclose(stats["reward_gap"], (-0.5 + 2.0) / 2)
+    loss.backward()
+    # d/dr_c of -log σ(g)/B = -(1 - σ(g))/2 < 0: raising the chosen reward lowers the loss
+    assert torch.allclose(r_c.grad, torch.tensor([-(1 - sigmoid(-0.5)) / 2, -(1 - sigmoid(2.0)) / 2]))
+
+
+def test_dpo_diagnostics_hand_computed() -> None:
+    # β=0.5: rewards chosen = 0.5·[1, -1] = [0.5, -0.5], rejected = 0.5·[-1, 0] = [-0.5, 0]
+    _, stats = dpo_loss(torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0]),
+                        torch.tensor([-2.0, -1.0]), torch.tensor([-2.0, -1.0]), beta=0.5)
+    assert math.isclose(stats["reward_chosen"], 0.0, abs_tol=1e-7)  # (0.5 - 0.5)/2
+    assert math.isclose(stats["reward_rejected"], -0.25)  # (-0.5 + 0)/2
+    assert math.isclose(stats["margin"], 0.25)  # mean([1.0, -0.5])
+
+
+def test_kl_estimators_are_unbiased_in_exact_expectation() -> None:
+    # π = [0.8, 0.2], π_ref = [0.4, 0.6]: KL(π‖π_ref) = 0.8 ln 2 + 0.2 ln(1/3).
+    # Σ_x π(x)·k(x) must equal it exactly for k1 and k3 (E_π[r] = Σ π_ref = 1 makes the k3 extra term vanish).
+    logp, ref = torch.tensor([0.8, 0.2]).log(), torch.tensor([0.4, 0.6]).log()
+    kl = 0.8 * math.log(2) + 0.2 * math.log(1 / 3)
+    p = logp.exp()
+    assert math.isclose(float((p * kl_k1(logp, ref)).sum()), kl, rel_tol=1e-5)
+    assert math.isclose(float((p * kl_k3(logp, ref)).sum()), kl, rel_tol=1e-5)
+    assert float(kl_k1(logp, ref).min()) < 0  # k1 at x=1 is ln(0.2/0.6) < 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(-30, 0), st.floats(-30, 0))
+def test_k3_never_negative(logp: float, ref: float) -> None:
+    assert float(kl_k3(torch.tensor([logp]), torch.tensor([ref]))) >= 0.0
+
+
+def test_gae_discounted_reply_after_prompt() -> None:
+    # Row: prompt position (masked) then a 2-token reply; γ=0.5, λ=0.5, rewards [_, 0, 1], values [_, 1, 2].
+    # δ2 = 1 + 0 - 2 = -1 (last token: no bootstrap); δ1 = 0 + 0.5·2 - 1 = 0.
+    # A2 = -1; A1 = δ1 + γλ·A2 = 0 + 0.25·(-1) = -0.25. Returns = A + V = [0, 0.75, 1].
+    rewards = torch.tensor([[5.0, 0.0, 1.0]])
+    values = torch.tensor([[9.0, 1.0, 2.0]], requires_grad=True)
+    mask = torch.tensor([[False, True, True]])
+    adv, ret = gae(rewards, values, mask, gamma=0.5, lam=0.5)
+    assert torch.allclose(adv, torch.tensor([[0.0, -0.25, -1.0]]))
+    assert torch.allclose(ret, torch.tensor([[0.0, 0.75, 1.0]]))
+    assert not adv.requires_grad  # targets, not part of the graph
+
+
+def test_gae_lambda_one_is_reward_to_go_minus_value() -> None:
+    torch.manual_seed(0)
+    rewards, values = torch.randn(3, 5), torch.randn(3, 5)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2, [False, True, True, True, False]])
+    adv, _ = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    reward_to_go = (rewards * mask).flip(1).cumsum(1).flip(1)
+    assert torch.allclose(adv, (reward_to_go - values) * mask, atol=1e-6)
+
+
+def test_whiten_keeps_mean_when_asked() -> None:
+    # counted [1, 3]: mean 2, std 1 -> [-1, 1]; shift_mean=False adds the mean back -> [1, 3]
+    out = whiten(torch.tensor([1.0, 3.0, 50.0]), torch.tensor([True, True, False]), shift_mean=False)
+    assert torch.allclose(out, torch.tensor([1.0, 3.0, 0.0]), atol=1e-4)
+
+
+def test_ppo_diagnostics_hand_computed() -> None:
+    # log ρ = [0, ln 2] -> ρ = [1, 2]; k3 = ρ - 1 - log ρ = [0, 1 - ln 2]; masked third token ignored.
+    logp = torch.tensor([[0.0, math.log(2), 5.0]])
+    mask = torch.tensor([[True, True, False]])
+    _, stats = ppo_clip_loss(logp, torch.zeros(1, 3), torch.ones(1, 3), mask, clip_eps=0.2)
+    assert math.isclose(stats["approx_kl"], (1 - math.log(2)) / 2, rel_tol=1e-6)
+    assert math.isclose(stats["ratio_mean"], 1.5, rel_tol=1e-6) and math.isclose(stats["ratio_max"], 2.0, rel_tol=1e-6)
+
+
+def test_value_loss_takes_unclipped_when_larger() -> None:
+    # V=-1, V_old=0, R=3, ε=0.5: unclipped (-1-3)² = 16 > clipped (-0.5-3)² = 12.25 -> ½·16; masked token ignored.
+    loss = value_loss(torch.tensor([[-1.0, 3.0]]), torch.zeros(1, 2), torch.tensor([[3.0, 3.0]]),
+                      torch.tensor([[True, False]]), 0.5)
+    assert math.isclose(float(loss), 8.0)  # ½·16
+
+
+def test_grpo_advantages_two_element_groups() -> None:
+    # group [3, 1]: mean 2, population std 1 -> [1, -1]/(1 + 1e-4); group [2, 2]: std 0 -> [0, 0], no signal
+    adv, signal = grpo_advantages(torch.tensor([3.0, 1.0, 2.0, 2.0]), group_size=2)
+    assert torch.allclose(adv, torch.tensor([1.0, -1.0, 0.0, 0.0]) / (1 + 1e-4))
+    assert signal.tolist() == [True, False]
+    assert group_has_signal(torch.tensor([0.0, 0.0, 0.0, 1.0]), 2).tolist() == [False, True]
+
+
+def test_grpo_loss_clip_and_kl_hand_computed() -> None:
+    # One reply, two tokens, Â = 1, ε = 0.2, β = 0.5.
+    # token 0: ρ = e^{0.5} clipped to 1.2; ref = logp -> k3 = 0.       per-token 1.2
+    # token 1: ρ = 1; ref - logp = ln 2 -> k3 = (2 - 1) - ln 2.      per-token 1 - 0.5·(1 - ln 2)
+    # loss = -mean(1.2, 1 - 0.5(1 - ln 2)); a second reply with no counted token is left out of the mean.
+    logp = torch.tensor([[0.5, -1.0], [0.0, 0.0]])
+    old = torch.tensor([[0.0, -1.0], [0.0, 0.0]])
+    ref = torch.tensor([[0.5, -1.0 + math.log(2)], [0.0, 0.0]])
+    mask = torch.tensor([[True, True], [False, False]])
+    loss, stats = grpo_loss(logp, old, ref, torch.tensor([1.0, 7.0]), mask, clip_eps=0.2, kl_coef=0.5)
+    expected = -(1.2 + 1 - 0.5 * (1 - math.log(2))) / 2
+    assert math.isclose(float(loss), expected, rel_tol=1e-6)
+    assert stats["clip_frac"] == 0.5 and math.isclose(stats["kl"], (1 - math.log(2)) / 2, rel_tol=1e-6)
+
+
+def test_distillation_hand_computed_two_token_vocab() -> None:
+    # T = 2, α = 0.5. student logits [0, 0] -> p_s = [½, ½] at any T; CE(target 0) = ln 2.
+    # teacher logits [0, 2 ln 3] / T = [0, ln 3] -> p_t = [¼, ¾].
+    # KL(p_t‖p_s) = ¼ ln(½) + ¾ ln(3/2) ; loss = ½ ln 2 + ½·4·KL.
+    student = torch.zeros(1, 1, 2)
+    teacher = torch.tensor([[[0.0, 2 * math.log(3)]]])
+    kl = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    loss, stats = distillation_loss(student, teacher, torch.tensor([[0]]), None, alpha=0.5, temperature=2.0)
+    assert math.isclose(stats["kl_teacher"], kl, rel_tol=1e-5)
+    assert math.isclose(float(loss), 0.5 * math.log(2) + 2 * kl, rel_tol=1e-5)
+
+
+def test_load_balancing_top2_and_router_z_loss() -> None:
+    # E = 2, k = 2: every token uses both experts -> f = [½, ½]; P = [0.9, 0.1] -> 2·(0.45 + 0.05) = 1
+    assert math.isclose(float(load_balancing_loss(torch.tensor([[0.9, 0.1]]), torch.tensor([[0, 1]]), 2)), 1.0)
+    # everything on expert 0 with P = [1, 0]: 2·1·1 = 2 = E, the maximum
+    assert math.isclose(float(load_balancing_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[0]]), 2)), 2.0)
+    # logits [0, 0]: logsumexp = ln 2; [ln 3, 0]: logsumexp = ln 4 -> mean((ln 2)², (ln 4)²)
+    z = router_z_loss(torch.tensor([[0.0, 0.0], [math.log(3), 0.0]]))
+    assert math.isclose(float(z), (math.log(2) ** 2 + math.log(4) ** 2) / 2, rel_tol=1e-6)
