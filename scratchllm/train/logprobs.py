@@ -1,7 +1,11 @@
 """Per-token log-probabilities of given tokens: what DPO, PPO and GRPO compare between policy and reference.
 
-Alignment (the usual off-by-one trap): logits at position t predict token t+1. For ids = [p0 p1 r0 r1]
-with response mask [0 0 1 1], the scored targets are ids[1:] = [p1 r0 r1] with mask[1:] = [0 1 1].
+Alignment (the usual off-by-one trap): logits at position t predict token t+1, so targets are ids[:, 1:] and the
+response mask is shifted the same way. Worked example, prompt p0 p1 and reply r0 r1:
+    ids            = [p0 p1 r0 r1]      response_mask = [0 0 1 1]
+    model input    = [p0 p1 r0]         (the last token predicts nothing we score)
+    targets        = [p1 r0 r1]         mask[:, 1:]   = [0 1 1]
+so the scored log-probs are log π(r0 | p0 p1) and log π(r1 | p0 p1 r0), and the prompt is never scored.
 """
 
 from __future__ import annotations
@@ -11,18 +15,37 @@ from torch import Tensor, nn
 
 
 def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
-    """log softmax(logits)[target] per position: (B, T, V), (B, T) -> (B, T), in float32."""
-    logits = logits.float()
-    return logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    """log softmax(logits)[target] per position: (B, T, V), (B, T) -> (B, T), in float32.
+
+    One row at a time, so the float32 copy of the logits (and logsumexp's scratch) is (T, V), never (B, T, V):
+    with a large vocabulary that copy, not the model, is what runs out of memory.
+    """
+    out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+    for b in range(logits.shape[0]):
+        row = logits[b].float()  # (T, V)
+        out[b] = row.gather(-1, targets[b, :, None]).squeeze(-1) - torch.logsumexp(row, dim=-1)
+    return out
 
 
-def response_token_logprobs(model: nn.Module, ids: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """(B, T) ids and mask -> log-probs of ids[:, 1:] (B, T-1) and the aligned mask[:, 1:]."""
-    logits = model(ids[:, :-1])
-    return token_logprobs(logits, ids[:, 1:]), response_mask[:, 1:]
+def response_token_logprobs(
+    model: nn.Module, ids: Tensor, response_mask: Tensor, attention_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Log-probs of ids[:, 1:] under model, (B, T-1), and the mask aligned to them, response_mask[:, 1:] (B, T-1).
+
+    ids (B, T) prompt + response, right-padded (pads sit after every scored token, so causal attention never
+    lets a scored token see them); pass attention_mask (B, T), True = real token, for left-padded rows.
+    """
+    inputs = ids[:, :-1]
+    if attention_mask is None:
+        logits = model(inputs)
+    else:
+        logits = model(inputs, attention_mask=attention_mask[:, :-1])
+    return token_logprobs(logits, ids[:, 1:]), response_mask[:, 1:].bool()
 
 
-def sequence_logprobs(model: nn.Module, ids: Tensor, response_mask: Tensor) -> Tensor:
-    """Summed log-prob of the response tokens of each row (B,)."""
-    logprobs, mask = response_token_logprobs(model, ids, response_mask)
+def sequence_logprobs(
+    model: nn.Module, ids: Tensor, response_mask: Tensor, attention_mask: Tensor | None = None
+) -> Tensor:
+    """Summed log-prob of each row's response tokens, log π(y | x) = Σ_t log π(y_t | x, y_<t), shape (B,)."""
+    logprobs, mask = response_token_logprobs(model, ids, response_mask, attention_mask)
     return (logprobs * mask.to(logprobs.dtype)).sum(-1)
