@@ -1,20 +1,36 @@
 """Seeded generators of verifiable tasks (English and Chinese) that a ~5M-parameter model can partly learn.
 
-Every item has one canonical reply — "The answer is X." / "答案是 X。" — so a verifier can extract the answer
-from a fixed place instead of guessing (PITFALLS.md: a keyword verifier made every answer a false positive).
-Same seed, same items: the bundled files in corpus/chat/ are rebuilt byte for byte.
+Canonical reply, one per language (the verifiers in train/rewards.py read the answer only from here):
+
+    English: "The answer is X."        Chinese: "答案是 X。"
+
+X is Arabic digits for numeric answers ("42", "-3"), "a, b, c" (comma + space) for lists, and Chinese
+numerals ("一百二十三") only in the `zh_numeral` family's digits -> characters direction. Numbers and lists
+are kept small and answers short, because the model is tiny and sees a few thousand examples.
+
+Families (each with several templates per language, so no single wording can be memorised):
+add, subtract, multiply, two_step (a + b - c), compare (larger/smaller), count_letters, reverse (3-4
+letters or words), sort (3-4 numbers), units (m<->cm, kg<->g, h<->min, min<->s, week<->day),
+zh_numeral (一百二十三 <-> 123), next_number (the number after / before n).
+
+Same seed, same items: `generate_tasks(n, seed)` is a pure function of its arguments.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 from typing import Any
 
 ZH_DIGITS = "零一二三四五六七八九"
+LANGS = ("en", "zh")
 
 
 def canonical_reply(answer: str, lang: str) -> str:
+    """The one reply format the verifiers accept: "The answer is X." / "答案是 X。"."""
+    if lang not in LANGS:
+        raise ValueError(f"lang must be 'en' or 'zh', got {lang!r}")
     return f"The answer is {answer}." if lang == "en" else f"答案是 {answer}。"
 
 
@@ -45,122 +61,158 @@ def from_chinese_numeral(text: str) -> int | None:
     units = {"十": 10, "百": 100, "千": 1000}
     if not text or any(c not in digits and c not in units for c in text):
         return None
-    total, current = 0, 0
+    total, current, last_unit = 0, 0, 10_000
     for c in text:
         if c in digits:
             current = digits[c]
-        else:
-            total += (current or (1 if c == "十" else 0)) * units[c]
-            if current == 0 and c != "十":
-                return None
-            current = 0
+            continue
+        unit = units[c]
+        if unit >= last_unit or (current == 0 and c != "十"):
+            return None  # "百百", "十百", "零百": not a numeral
+        total += (current or 1) * unit
+        current, last_unit = 0, unit
     return total + current
+
+
+def question_key(text: str) -> str:
+    """Normalised question text used to dedupe splits: case-folded, whitespace collapsed."""
+    return re.sub(r"\s+", " ", text).strip().casefold()
+
+
+def prompt_key(prompt: list[dict[str, Any]]) -> str:
+    """Key of a rendered prompt: its user turns, normalised. Two prompts asking the same question collide."""
+    return " || ".join(question_key(m["content"]) for m in prompt if m["role"] == "user")
 
 
 Item = dict[str, Any]
 Generator = Callable[[random.Random, str], tuple[str, str, str]]  # (question, answer, verifier)
 
 
+def _pick(rng: random.Random, lang: str, en: list[str], zh: list[str]) -> str:
+    return rng.choice(en if lang == "en" else zh)
+
+
 def _add(rng: random.Random, lang: str) -> tuple[str, str, str]:
-    a, b = rng.randint(0, 50), rng.randint(0, 50)
-    en = [f"What is {a} + {b}?", f"Add {a} and {b}.", f"Compute {a} plus {b}.", f"What do you get if you add {a} to {b}?"]
+    # 1-2 digit operands, mostly small: sums up to 40 keep the answer one or two tokens.
+    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    en = [f"What is {a} + {b}?", f"Add {a} and {b}.", f"Compute {a} plus {b}.", f"What is the sum of {a} and {b}?"]
     zh = [f"{a} 加 {b} 等于多少？", f"计算 {a} + {b}。", f"{a} 和 {b} 的和是多少？", f"请算一下 {a} 加上 {b}。"]
-    return rng.choice(en if lang == "en" else zh), str(a + b), "math"
+    return _pick(rng, lang, en, zh), str(a + b), "math"
 
 
 def _subtract(rng: random.Random, lang: str) -> tuple[str, str, str]:
-    a = rng.randint(5, 60)
-    b = rng.randint(0, a)
-    en = [f"What is {a} - {b}?", f"Subtract {b} from {a}.", f"Compute {a} minus {b}."]
-    zh = [f"{a} 减 {b} 等于多少？", f"计算 {a} - {b}。", f"{a} 减去 {b} 是多少？"]
-    return rng.choice(en if lang == "en" else zh), str(a - b), "math"
+    a = rng.randint(1, 30)
+    b = rng.randint(0, min(a, 20))  # never negative: one less thing for a tiny model to learn
+    en = [f"What is {a} - {b}?", f"Subtract {b} from {a}.", f"Compute {a} minus {b}.", f"What is {a} take away {b}?"]
+    zh = [f"{a} 减 {b} 等于多少？", f"计算 {a} - {b}。", f"{a} 减去 {b} 是多少？", f"从 {a} 里减掉 {b} 还剩多少？"]
+    return _pick(rng, lang, en, zh), str(a - b), "math"
 
 
 def _multiply(rng: random.Random, lang: str) -> tuple[str, str, str]:
     a, b = rng.randint(1, 9), rng.randint(1, 9)
-    en = [f"What is {a} * {b}?", f"Multiply {a} by {b}.", f"What is {a} times {b}?"]
-    zh = [f"{a} 乘 {b} 等于多少？", f"计算 {a} × {b}。", f"{a} 乘以 {b} 是多少？"]
-    return rng.choice(en if lang == "en" else zh), str(a * b), "math"
+    en = [f"What is {a} * {b}?", f"Multiply {a} by {b}.", f"What is {a} times {b}?", f"What is {a} x {b}?"]
+    zh = [f"{a} 乘 {b} 等于多少？", f"计算 {a} × {b}。", f"{a} 乘以 {b} 是多少？", f"{a} 的 {b} 倍是多少？"]
+    return _pick(rng, lang, en, zh), str(a * b), "math"
 
 
 def _two_step(rng: random.Random, lang: str) -> tuple[str, str, str]:
-    a, b = rng.randint(1, 20), rng.randint(1, 20)
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
     c = rng.randint(0, a + b)
-    en = [f"What is {a} + {b} - {c}?", f"Compute {a} plus {b} minus {c}."]
-    zh = [f"{a} + {b} - {c} 等于多少？", f"计算 {a} 加 {b} 再减 {c}。"]
-    return rng.choice(en if lang == "en" else zh), str(a + b - c), "math"
+    en = [f"What is {a} + {b} - {c}?", f"Compute {a} plus {b} minus {c}.", f"Add {a} and {b}, then subtract {c}."]
+    zh = [f"{a} + {b} - {c} 等于多少？", f"计算 {a} 加 {b} 再减 {c}。", f"先算 {a} 加 {b}，再减去 {c}，结果是多少？"]
+    return _pick(rng, lang, en, zh), str(a + b - c), "math"
 
 
 def _compare(rng: random.Random, lang: str) -> tuple[str, str, str]:
     a, b = rng.sample(range(0, 100), 2)
     if rng.random() < 0.5:
-        en = [f"Which is larger, {a} or {b}?", f"Which number is bigger: {a} or {b}?"]
-        zh = [f"{a} 和 {b} 哪个更大？", f"{a} 与 {b} 中较大的数是哪个？"]
+        en = [f"Which is larger, {a} or {b}?", f"Which number is bigger: {a} or {b}?", f"Which is greater, {a} or {b}?"]
+        zh = [f"{a} 和 {b} 哪个更大？", f"{a} 与 {b} 中较大的数是哪个？", f"{a} 和 {b}，哪个数大？"]
         answer = max(a, b)
     else:
-        en = [f"Which is smaller, {a} or {b}?", f"Which number is less: {a} or {b}?"]
-        zh = [f"{a} 和 {b} 哪个更小？", f"{a} 与 {b} 中较小的数是哪个？"]
+        en = [f"Which is smaller, {a} or {b}?", f"Which number is less: {a} or {b}?", f"Which is lower, {a} or {b}?"]
+        zh = [f"{a} 和 {b} 哪个更小？", f"{a} 与 {b} 中较小的数是哪个？", f"{a} 和 {b}，哪个数小？"]
         answer = min(a, b)
-    return rng.choice(en if lang == "en" else zh), str(answer), "math"
+    return _pick(rng, lang, en, zh), str(answer), "math"
 
 
-WORDS = ["banana", "apple", "letter", "coffee", "pepper", "hello", "mississippi", "balloon", "cherry", "little",
-         "summer", "bottle", "rabbit", "paper", "kitten", "yellow", "tomato", "puppy", "dinner", "butter"]
+WORDS = ["banana", "apple", "letter", "coffee", "pepper", "hello", "balloon", "cherry", "little", "summer",
+         "bottle", "rabbit", "paper", "kitten", "yellow", "tomato", "puppy", "dinner", "butter", "happy",
+         "carrot", "orange", "window", "garden", "pizza", "school", "tree", "moon", "book", "street"]
 
 
 def _count_letters(rng: random.Random, lang: str) -> tuple[str, str, str]:
     word = rng.choice(WORDS)
     letter = rng.choice(sorted(set(word)))
-    en = [f"How many times does the letter '{letter}' appear in '{word}'?", f"Count the letter '{letter}' in '{word}'."]
-    zh = [f"单词 '{word}' 里有几个字母 '{letter}'？", f"数一数 '{word}' 中字母 '{letter}' 出现了几次。"]
-    return rng.choice(en if lang == "en" else zh), str(word.count(letter)), "math"
+    en = [f"How many times does the letter '{letter}' appear in '{word}'?", f"Count the letter '{letter}' in '{word}'.",
+          f"How many '{letter}' are in '{word}'?", f"In the word '{word}', how many '{letter}' are there?"]
+    zh = [f"单词 '{word}' 里有几个字母 '{letter}'？", f"数一数 '{word}' 中字母 '{letter}' 出现了几次。",
+          f"'{word}' 中有多少个 '{letter}'？", f"'{word}' 这个词里有几个 '{letter}'？"]
+    return _pick(rng, lang, en, zh), str(word.count(letter)), "math"
+
+
+SHORT_WORDS = ["cat", "dog", "sun", "red", "cup", "box", "pen", "hat", "map", "egg", "car", "bus", "sky", "tea"]
 
 
 def _reverse(rng: random.Random, lang: str) -> tuple[str, str, str]:
-    items = rng.sample("abcdefghijklmnopqrstuvwxyz", rng.randint(3, 4))
+    pool = "abcdefghijklmnopqrstuvwxyz" if rng.random() < 0.6 else SHORT_WORDS
+    items = rng.sample(list(pool), rng.randint(3, 4))
     listed = ", ".join(items)
-    en = [f"Reverse the list: {listed}", f"Write this list backwards: {listed}"]
-    zh = [f"把这个列表倒过来：{listed}", f"请反转列表：{listed}"]
-    return rng.choice(en if lang == "en" else zh), ", ".join(reversed(items)), "exact"
+    en = [f"Reverse the list: {listed}", f"Write this list backwards: {listed}", f"Reverse the order of: {listed}"]
+    zh = [f"把这个列表倒过来：{listed}", f"请反转列表：{listed}", f"把下面的顺序倒过来：{listed}"]
+    return _pick(rng, lang, en, zh), ", ".join(reversed(items)), "exact"
 
 
 def _sort(rng: random.Random, lang: str) -> tuple[str, str, str]:
-    nums = rng.sample(range(0, 30), rng.randint(3, 4))
+    nums = rng.sample(range(0, 20), rng.randint(3, 4))
     listed = ", ".join(map(str, nums))
-    en = [f"Sort these numbers from smallest to largest: {listed}", f"Put in increasing order: {listed}"]
-    zh = [f"把这些数从小到大排序：{listed}", f"按从小到大的顺序排列：{listed}"]
-    return rng.choice(en if lang == "en" else zh), ", ".join(map(str, sorted(nums))), "exact"
+    en = [f"Sort these numbers from smallest to largest: {listed}", f"Put in increasing order: {listed}",
+          f"Sort in ascending order: {listed}"]
+    zh = [f"把这些数从小到大排序：{listed}", f"按从小到大的顺序排列：{listed}", f"请将下列数字升序排列：{listed}"]
+    return _pick(rng, lang, en, zh), ", ".join(map(str, sorted(nums))), "exact"
+
+
+# (English unit, plural, Chinese unit, English target, Chinese target, factor): n big -> n * factor small.
+UNITS = [("meter", "meters", "米", "centimeters", "厘米", 100), ("kilogram", "kilograms", "千克", "grams", "克", 1000),
+         ("hour", "hours", "小时", "minutes", "分钟", 60), ("minute", "minutes", "分钟", "seconds", "秒", 60),
+         ("week", "weeks", "周", "days", "天", 7)]
 
 
 def _units(rng: random.Random, lang: str) -> tuple[str, str, str]:
-    n = rng.randint(1, 9)
-    table = [
-        (f"How many centimeters are in {n} meters?", f"{n} 米等于多少厘米？", n * 100),
-        (f"How many grams are in {n} kilograms?", f"{n} 千克等于多少克？", n * 1000),
-        (f"How many minutes are in {n} hours?", f"{n} 小时等于多少分钟？", n * 60),
-        (f"How many seconds are in {n} minutes?", f"{n} 分钟等于多少秒？", n * 60),
-        (f"How many days are in {n} weeks?", f"{n} 周有多少天？", n * 7),
-    ]
-    en, zh, answer = rng.choice(table)
-    return (en if lang == "en" else zh), str(answer), "math"
+    n = rng.randint(1, 12)
+    big, bigs, big_zh, small, small_zh, factor = rng.choice(UNITS)
+    big_en = big if n == 1 else bigs
+    if rng.random() < 0.6:  # big -> small: multiply
+        en = [f"How many {small} are in {n} {big_en}?", f"Convert {n} {big_en} to {small}.", f"{n} {big_en} is how many {small}?"]
+        zh = [f"{n} {big_zh}等于多少{small_zh}？", f"把 {n} {big_zh}换算成{small_zh}。", f"{n} {big_zh}是多少{small_zh}？"]
+        return _pick(rng, lang, en, zh), str(n * factor), "math"
+    m = n * factor  # small -> big: divide, always a whole number
+    en = [f"How many {bigs} are in {m} {small}?", f"Convert {m} {small} to {bigs}.", f"{m} {small} is how many {bigs}?"]
+    zh = [f"{m} {small_zh}等于多少{big_zh}？", f"把 {m} {small_zh}换算成{big_zh}。", f"{m} {small_zh}是多少{big_zh}？"]
+    return _pick(rng, lang, en, zh), str(n), "math"
 
 
 def _zh_numeral(rng: random.Random, lang: str) -> tuple[str, str, str]:
-    n = rng.randint(0, 999)
+    n = rng.randint(0, 99) if rng.random() < 0.7 else rng.randint(100, 999)
+    zh_n = to_chinese_numeral(n)
     if rng.random() < 0.5:
-        en = [f"Write the Chinese numeral {to_chinese_numeral(n)} in digits.", f"What number is {to_chinese_numeral(n)}?"]
-        zh = [f"把 {to_chinese_numeral(n)} 写成阿拉伯数字。", f"{to_chinese_numeral(n)} 是多少？"]
-        return rng.choice(en if lang == "en" else zh), str(n), "math"
-    en = [f"Write {n} in Chinese numerals.", f"How do you write {n} in Chinese characters?"]
-    zh = [f"把 {n} 写成中文数字。", f"用汉字写出 {n}。"]
-    return rng.choice(en if lang == "en" else zh), to_chinese_numeral(n), "exact"
+        en = [f"Write the Chinese numeral {zh_n} in digits.", f"What number is {zh_n}?", f"Convert {zh_n} to digits."]
+        zh = [f"把 {zh_n} 写成阿拉伯数字。", f"{zh_n} 是多少？", f"{zh_n} 用数字怎么写？"]
+        return _pick(rng, lang, en, zh), str(n), "math"
+    en = [f"Write {n} in Chinese numerals.", f"How do you write {n} in Chinese characters?", f"Convert {n} to a Chinese numeral."]
+    zh = [f"把 {n} 写成中文数字。", f"用汉字写出 {n}。", f"{n} 用中文怎么写？"]
+    return _pick(rng, lang, en, zh), zh_n, "exact"
 
 
 def _next_number(rng: random.Random, lang: str) -> tuple[str, str, str]:
-    n = rng.randint(0, 98)
-    en = [f"What number comes after {n}?", f"What is the next number after {n}?"]
-    zh = [f"{n} 的下一个数是多少？", f"{n} 后面的数是几？"]
-    return rng.choice(en if lang == "en" else zh), str(n + 1), "math"
+    n = rng.randint(1, 99)
+    if rng.random() < 0.6:
+        en = [f"What number comes after {n}?", f"What is the next number after {n}?", f"Count on by one from {n}."]
+        zh = [f"{n} 的下一个数是多少？", f"{n} 后面的数是几？", f"比 {n} 大 1 的数是多少？"]
+        return _pick(rng, lang, en, zh), str(n + 1), "math"
+    en = [f"What number comes before {n}?", f"What is the number just before {n}?", f"What is one less than {n}?"]
+    zh = [f"{n} 的前一个数是多少？", f"{n} 前面的数是几？", f"比 {n} 小 1 的数是多少？"]
+    return _pick(rng, lang, en, zh), str(n - 1), "math"
 
 
 FAMILIES: dict[str, Generator] = {
@@ -179,6 +231,11 @@ FAMILIES: dict[str, Generator] = {
 
 
 def make_task(rng: random.Random, family: str, lang: str, index: int) -> Item:
+    """One task record in the tasks_*.jsonl schema; `index` only names it."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown task family {family!r}; choose one of {sorted(FAMILIES)}")
+    if lang not in LANGS:
+        raise ValueError(f"lang must be 'en' or 'zh', got {lang!r}")
     question, answer, verifier = FAMILIES[family](rng, lang)
     return {
         "id": f"{family}-{lang}-{index}",
@@ -191,7 +248,33 @@ def make_task(rng: random.Random, family: str, lang: str, index: int) -> Item:
 
 
 def generate_tasks(n: int, seed: int) -> list[Item]:
-    """n items cycling through every family and both languages, in a seeded order."""
+    """n items cycling through every (family, language) pair, so any prefix is balanced; seeded."""
     rng = random.Random(seed)
-    families = sorted(FAMILIES)
-    return [make_task(rng, families[i % len(families)], ("en", "zh")[(i // len(families)) % 2], i) for i in range(n)]
+    pairs = [(f, lang) for lang in LANGS for f in sorted(FAMILIES)]
+    return [make_task(rng, *pairs[i % len(pairs)], i) for i in range(n)]
+
+
+def generate_unique_tasks(n_per_pair: int, seed: int, exclude: set[str] | None = None,
+                          max_tries_per_item: int = 200) -> list[Item]:
+    """`n_per_pair` items per (family, language) with prompts unique and not in `exclude` (prompt_key),
+    interleaved so any prefix is balanced. Families with a small question space may yield fewer items
+    than asked; the shortfall is never filled with duplicates."""
+    rng = random.Random(seed)
+    seen = set(exclude or ())
+    per_pair: list[list[Item]] = []
+    for lang in LANGS:
+        for family in sorted(FAMILIES):
+            items: list[Item] = []
+            tries = 0
+            while len(items) < n_per_pair and tries < n_per_pair * max_tries_per_item:
+                tries += 1
+                task = make_task(rng, family, lang, len(items))
+                key = prompt_key(task["prompt"])
+                if key not in seen:
+                    seen.add(key)
+                    items.append(task)
+            per_pair.append(items)
+    out = []
+    for i in range(max(map(len, per_pair))):
+        out += [items[i] for items in per_pair if i < len(items)]
+    return out

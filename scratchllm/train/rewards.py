@@ -1,80 +1,129 @@
 """Verifiable rewards and the rule-based gold judge, as plain deterministic functions.
 
-Verifiers read the answer only from the canonical place — the LAST "The answer is X." / "答案是 X。" in the
-reply — never by searching for a keyword anywhere (PITFALLS.md: "是" inside "我是" was scored correct).
-Decisions: numbers are Arabic digits ("42", "42.0", "-3"; thousands separators "1,000" accepted);
-Chinese numerals ("四十二") count only where the task's answer is itself a Chinese numeral (exact match).
-The gold judge scores replies by the same rules that built the rejected preference replies.
+Where the answer is read (PITFALLS.md: a verifier that found "是" inside "我是" made every answer correct):
+the answer span is the text after the LAST "The answer is" / "答案是" up to the end of that sentence
+(the first "。", "!", "?", a "." followed by a space or the end, or a newline). A reply without that
+marker has no answer, whatever digits it contains. So "The answer is 43. Actually the answer is 42." is
+judged on 42, and "The answer is 42, not 43." has the span "42, not 43", which is not a number: wrong.
+
+Number decisions (verify_math / extract_final_number): the span must be exactly one number in Arabic
+digits after NFKC (full-width digits fold to ASCII): "42", "42.0", "-3", and "1,000" with correct
+thousands grouping ("1,00" is rejected). Chinese numerals ("四十二") are NOT numbers here; they are
+accepted only by verify_exact, i.e. only in the zh_numeral family where the answer itself is a numeral.
+
+verify_exact compares the span and the answer after normalisation: NFKC, case-folded, surrounding
+quotes and the final full stop removed, list separators (, ， 、) rewritten as ", ", whitespace collapsed.
+
+The gold judge scores a reply by the SAME rules that built the rejected preference replies in
+scripts/build_chat_data.py: wrong_answer, wrong_language, rude, evasive, rambling, no_end (+ length).
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-ANSWER_MARKER = re.compile(r"the answer is|答案是", re.IGNORECASE)
-NUMBER = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$|^-?\d+(?:\.\d+)?$")
-RUDE_WORDS = ["stupid", "idiot", "shut up", "dumb", "go away", "annoying", "笨蛋", "闭嘴", "滚", "白痴", "烦死了"]
+ANSWER_MARKER = re.compile(r"\bthe answer is\b|答案是", re.IGNORECASE)
+# The answer sentence ends at Chinese/explicit terminators, a newline, or a "." that is not a decimal point.
+SPAN_END = re.compile(r"[。！？!?\n]|\.(?=\s|$)")
+NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")
+CJK = re.compile(r"[\u4e00-\u9fff]")
+LATIN_WORD = re.compile(r"[A-Za-z]+")
+
+# Rude words: English ones match whole words only ("dumbbell" is not rude), Chinese ones as substrings.
+RUDE_EN = ["stupid", "idiot", "dumb", "shut up", "go away", "annoying", "moron", "get lost", "loser", "useless",
+           "figure it out yourself", "who cares"]
+RUDE_ZH = ["笨蛋", "闭嘴", "滚开", "白痴", "烦死了", "蠢", "傻瓜", "别烦我", "自己想去"]
 EVASIVE_PHRASES = ["i don't know", "i do not know", "i can't help", "i cannot help", "no idea", "ask someone else",
-                   "我不知道", "我不能回答", "问别人", "不清楚"]
+                   "i won't answer", "i'd rather not say", "我不知道", "我不能回答", "问别人", "不清楚", "无可奉告",
+                   "我不想回答"]
+_RUDE_EN_RE = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in RUDE_EN) + r")\b", re.IGNORECASE)
+
+MAX_REPLY_CHARS = 200  # "sane length": canonical replies are < 60 characters
+MAX_FORMAT_CHARS = 80  # verify_format: a task reply is one short sentence
 
 
 def extract_answer(reply: str) -> str | None:
-    """Text after the LAST "The answer is" / "答案是" up to the end of its line, minus the final period."""
+    """The answer span of the LAST "The answer is" / "答案是" (module docstring), or None if there is none."""
     markers = list(ANSWER_MARKER.finditer(reply))
     if not markers:
         return None
-    tail = reply[markers[-1].end() :].split("\n", 1)[0].strip()
-    tail = re.sub(r"[.。]$", "", tail).strip()
-    return tail or None
+    tail = reply[markers[-1].end() :]
+    end = SPAN_END.search(tail)
+    span = (tail[: end.start()] if end else tail).strip().strip("'\"“”‘’").strip()
+    return span or None
 
 
 def parse_number(text: str | None) -> float | None:
+    """The value of `text` if it is exactly one Arabic-digit number (module docstring), else None."""
     if text is None:
         return None
-    text = text.strip().rstrip(".。")
-    if not NUMBER.match(text):
+    text = unicodedata.normalize("NFKC", text).strip()
+    if not NUMBER.fullmatch(text):
         return None
     return float(text.replace(",", ""))
 
 
-def extract_final_number(reply: str) -> float | None:
-    return parse_number(extract_answer(reply))
+def extract_final_number(text: str) -> float | None:
+    """The number in the last canonical answer span; None if there is no span or it is not one number."""
+    return parse_number(extract_answer(text))
 
 
 def verify_math(reply: str, answer: str, tol: float = 1e-6) -> float:
+    """1.0 if the reply's answer span is a number within `tol` of `answer`, else 0.0."""
     got, want = extract_final_number(reply), parse_number(answer)
     return float(got is not None and want is not None and abs(got - want) <= tol)
 
 
-def _normalise(text: str) -> str:
-    text = text.strip().rstrip(".。").lower()
+def normalise_answer(text: str) -> str:
+    text = unicodedata.normalize("NFKC", text).casefold().strip().strip("'\"“”‘’").rstrip(".。").strip()
     text = re.sub(r"\s*[,，、]\s*", ", ", text)
     return re.sub(r"\s+", " ", text)
 
 
 def verify_exact(reply: str, answer: str) -> float:
+    """1.0 if the normalised answer span equals the normalised answer; never a substring test."""
     got = extract_answer(reply)
-    return float(got is not None and _normalise(got) == _normalise(answer))
+    return float(got is not None and normalise_answer(got) == normalise_answer(answer))
 
 
 def detect_language(text: str) -> str:
-    """'zh' or 'en' when one script clearly dominates, else 'mixed'. A CJK character weighs like a 3-letter word."""
-    cjk = 3 * sum("\u4e00" <= c <= "\u9fff" for c in text)
-    latin = sum(c.isascii() and c.isalpha() for c in text)
+    """'zh' or 'en' when one script clearly dominates, else 'mixed' (also for text with no letters).
+
+    A CJK character weighs 3 Latin letters (about one short English word); 'zh' above a 70% share,
+    'en' below 30%.
+    """
+    cjk = 3 * len(CJK.findall(text))
+    latin = sum(len(w) for w in LATIN_WORD.findall(text))
     if cjk + latin == 0:
         return "mixed"
     share = cjk / (cjk + latin)
     return "zh" if share > 0.7 else "en" if share < 0.3 else "mixed"
 
 
+def is_repetitive(text: str, n: int = 3, max_repeats: int = 2) -> bool:
+    """True if some word (or CJK character) n-gram occurs more than `max_repeats` times: rambling."""
+    tokens = re.findall(r"[\u4e00-\u9fff]|[a-z0-9']+", unicodedata.normalize("NFKC", text).lower())
+    grams = Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+    return bool(grams) and max(grams.values()) > max_repeats
+
+
 def verify_format(reply: str, lang: str) -> float:
-    """1.0 if the reply is one short line holding the canonical answer sentence in the right language."""
+    """1.0 if the reply holds this language's answer sentence, is one short line and does not repeat itself."""
     marker = "the answer is" if lang == "en" else "答案是"
-    short = len(reply) <= 80 and "\n" not in reply.strip()
-    return float(marker in reply.lower() and extract_answer(reply) is not None and short and not is_repetitive(reply))
+    markers = list(ANSWER_MARKER.finditer(reply))
+    ok = (
+        bool(markers)
+        and markers[-1].group(0).lower() == marker
+        and extract_answer(reply) is not None
+        and len(reply) <= MAX_FORMAT_CHARS
+        and "\n" not in reply.strip()
+        and not is_repetitive(reply)
+    )
+    return float(ok)
 
 
 VERIFIERS: dict[str, Callable[[str, str], float]] = {"math": verify_math, "exact": verify_exact}
@@ -88,46 +137,87 @@ def score_task(reply: str, task: dict[str, Any]) -> float:
     return verifier(reply, task["answer"])
 
 
+DEFAULT_WEIGHTS = {"correct": 1.0, "format": 0.1}
+
+
 def composite_reward(reply: str, task: dict[str, Any], weights: dict[str, float] | None = None) -> float:
-    """Weighted sum of correctness and format (default 1.0 / 0.1) for GRPO."""
-    weights = weights or {"correct": 1.0, "format": 0.1}
+    """Weighted sum of correctness and format (default 1.0 / 0.1, so format alone never beats a right answer)."""
+    weights = DEFAULT_WEIGHTS if weights is None else weights
+    unknown = set(weights) - set(DEFAULT_WEIGHTS)
+    if unknown:
+        raise ValueError(f"unknown reward weight(s) {sorted(unknown)}; use {sorted(DEFAULT_WEIGHTS)}")
     return weights.get("correct", 0.0) * score_task(reply, task) + weights.get("format", 0.0) * verify_format(
         reply, task.get("lang", "en")
     )
 
 
-def is_repetitive(text: str, n: int = 3, max_repeats: int = 2) -> bool:
-    """True if some word (or CJK character) n-gram occurs more than `max_repeats` times: rambling."""
-    tokens = re.findall(r"[\u4e00-\u9fff]|[A-Za-z0-9']+", text.lower())
-    grams = Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
-    return bool(grams) and max(grams.values()) > max_repeats
-
-
 def is_rude(text: str) -> bool:
-    lowered = text.lower()
-    return any(word in lowered for word in RUDE_WORDS)
+    return bool(_RUDE_EN_RE.search(text)) or any(word in text for word in RUDE_ZH)
 
 
 def is_evasive(text: str) -> bool:
+    """Empty, or a refusal phrase without any canonical answer ("I don't know. The answer is 4." is not evasive)."""
     lowered = text.lower().strip()
-    return not lowered or any(phrase in lowered for phrase in EVASIVE_PHRASES)
+    if not lowered:
+        return True
+    return any(phrase in lowered for phrase in EVASIVE_PHRASES) and extract_answer(text) is None
 
 
-def gold_score(prompt: list[dict[str, str]], reply: str, task: dict[str, Any] | None = None, ended: bool = True) -> float:
-    """Rule-based judge in [0, 1]: the mean of the checks that built the rejected preference replies.
+QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|“[^”]*”|‘[^’]*’|[:：].*$", re.DOTALL)
 
-    correct (tasks only), same language as the user, polite, not evasive, not rambling, sane length, ended.
-    """
-    user_lang = detect_language(next((m["content"] for m in reversed(prompt) if m["role"] == "user"), ""))
-    reply_lang = detect_language(reply)
-    checks = [
-        user_lang == "mixed" or reply_lang in (user_lang, "mixed"),
-        not is_rude(reply),
-        not is_evasive(reply),
-        not is_repetitive(reply),
-        0 < len(reply) <= 200,
-        ended,
-    ]
+
+def prompt_language(text: str) -> str:
+    """Language of a user message, ignoring quoted material and whatever follows a colon, which is the payload
+    ("跟我说：flower" is a Chinese request; "Repeat after me: 苹果" an English one)."""
+    frame = detect_language(QUOTED.sub(" ", text))
+    return frame if frame != "mixed" else detect_language(text)
+
+
+def reply_language(reply: str, user_text: str, user_lang: str) -> str:
+    """Language of the reply's own words: the answer span is dropped (a list "c, b, a" or a numeral may be in
+    either script) and foreign-script words quoted from the user ("跟我说：apple" -> "apple") are ignored."""
+    markers = list(ANSWER_MARKER.finditer(reply))
+    if markers:
+        reply = reply[: markers[-1].end()]
+    if user_lang == "zh":
+        quoted = {w.casefold() for w in LATIN_WORD.findall(user_text)}
+        reply = LATIN_WORD.sub(lambda m: " " if m.group(0).casefold() in quoted else m.group(0), reply)
+    elif user_lang == "en":
+        quoted_chars = set(CJK.findall(user_text))
+        reply = "".join(" " if c in quoted_chars else c for c in reply)
+    return detect_language(reply)
+
+
+GOLD_WEIGHTS = {"correct": 2.0, "language": 1.0, "polite": 1.0, "not_evasive": 1.0, "not_rambling": 1.0,
+                "sane_length": 1.0, "ended": 1.0}
+
+
+def gold_checks(prompt: list[dict[str, str]], reply: str, task: dict[str, Any] | None = None,
+                ended: bool = True) -> dict[str, bool]:
+    """Each gold rule, True = passed. `correct` is present only when a task is given."""
+    user_text = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+    user_lang = task["lang"] if task is not None else prompt_language(user_text)
+    reply_lang = reply_language(reply, user_text, user_lang)
+    checks = {
+        "language": user_lang == "mixed" or reply_lang in (user_lang, "mixed"),
+        "polite": not is_rude(reply),
+        "not_evasive": not is_evasive(reply),
+        "not_rambling": not is_repetitive(reply),
+        "sane_length": 0 < len(reply.strip()) <= MAX_REPLY_CHARS,
+        "ended": ended,
+    }
     if task is not None:
-        checks.append(score_task(reply, task) == 1.0)
-    return sum(map(float, checks)) / len(checks)
+        checks["correct"] = score_task(reply, task) == 1.0
+    return checks
+
+
+def gold_score(prompt: list[dict[str, str]], reply: str, task: dict[str, Any] | None = None,
+               ended: bool = True) -> float:
+    """Rule-based judge in [0, 1]: the weighted share of gold rules passed (correctness counts double).
+
+    `ended` is False when the reply stopped without <|im_end|> (the no_end rule). A correct, polite,
+    on-language, short, ended reply scores 1.0; each rejection rule costs at least 1/8.
+    """
+    checks = gold_checks(prompt, reply, task, ended)
+    total = sum(GOLD_WEIGHTS[k] for k in checks)
+    return sum(GOLD_WEIGHTS[k] for k, ok in checks.items() if ok) / total

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,7 @@ GOOD = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "ass
         ("{not json", r":2: invalid JSON"),
         (json.dumps({"messages": []}), r":2: 'messages' must be a non-empty list"),
         (json.dumps({"messages": [{"role": "bot", "content": "x"}]}), r":2: 'messages\[0\].role' is 'bot'"),
-        (json.dumps({"messages": [{"role": "user", "content": 5}]}), r":2: 'messages\[0\].content' must be"),
+        (json.dumps({"messages": [{"role": "user", "content": 5}]}), r":2: 'messages\[0\].content' is a int; it must be a string"),
         (json.dumps({"messages": [{"role": "user", "content": "only a question"}]}), r":2: 'messages' has no assistant"),
         ("[1, 2]", r":2: each line must be a JSON object"),
     ],
@@ -42,8 +44,9 @@ def test_bad_conversation_line_names_file_and_line(tmp_path: Path, bad: str, mat
 
 def test_skip_bad_lines_counts_instead_of_failing(tmp_path: Path, capsys) -> None:
     path = _write(tmp_path / "data.jsonl", [GOOD, "{oops", GOOD])
-    assert len(read_conversations(path, skip_bad_lines=True)) == 2
-    assert "skipped 1 malformed" in capsys.readouterr().out
+    records, n_skipped = read_conversations(path, skip_bad_lines=True)
+    assert len(records) == 2 and n_skipped == 1
+    assert "data.jsonl:2: invalid JSON" in capsys.readouterr().err  # the warning names the first bad line
 
 
 def test_preference_and_task_validation(tmp_path: Path) -> None:
@@ -81,3 +84,10 @@ def test_shipped_held_out_tasks_never_seen_in_training_files() -> None:
     seen |= {json.dumps(p["prompt"], ensure_ascii=False) for p in read_preferences(CHAT / "prefs_train.jsonl")}
     seen |= {json.dumps(p["prompt"], ensure_ascii=False) for p in read_preferences(CHAT / "prefs_val.jsonl")}
     assert not held & seen
+
+
+def test_shipped_chat_data_is_exactly_what_the_build_script_makes() -> None:
+    # The data is generated, not curated by hand: a stale file (tasks.py changed, data not rebuilt) fails here.
+    script = Path(__file__).resolve().parents[2] / "scripts" / "build_chat_data.py"
+    done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
