@@ -148,6 +148,12 @@ class SFTConfig:
     max_len: int = 256  # conversations longer than this are truncated (loss mask follows)
     eval_prompts: int = 100  # held-out conversations for the end-of-reply rate
     eval_tasks: int = 440  # held-out verifiable tasks for pass@1 (the whole tasks_val split)
+    # Replay of pretraining text: without it SFT on short chats erases language modelling (val bpb rose
+    # 2.98 -> 4.82 in one default run). Each step adds this many windows of plain text (0 = off).
+    pretrain_rows: int = 4
+    pretrain_seq_len: int = 128
+    pretrain_weight: float = 1.0  # weight of their loss beside the assistant-token loss
+    pretrain_data: str = "corpus/pretrain"  # holds train/ and val/ *.txt
 
 
 @dataclass
@@ -188,6 +194,7 @@ class GRPOConfig:
     max_new_tokens: int = 24  # canonical replies are ~8-15 tokens
     temperature: float = 1.0
     epochs: int = 1  # policy updates per rollout batch
+    max_draws: int = 4  # dynamic sampling (DAPO): redraw until prompts_per_step groups have signal, at most this often
     eval_tasks: int = 440  # held-out verifiable tasks for pass@1 (the whole tasks_val split)
 
 

@@ -71,10 +71,12 @@ TOY_STEPS: dict[str, int] = {"pretrain": 6, "sft": 6, "reward": 6, "dpo": 4, "pp
 
 def _stage_overrides(args: argparse.Namespace, stage: str) -> list[str]:
     overrides = [f"--loop.device={args.device}"]
+    if stage == "sft":
+        overrides.append(f"--sft.pretrain_data={args.corpus / 'pretrain'}")
     if args.toy:
         overrides += [f"--loop.max_steps={TOY_STEPS[stage]}", "--loop.eval_every=0", "--loop.checkpoint_every=0"]
         overrides += ["--loop.eval_batches=2", "--loop.batch_size=4"]
-        overrides += {"pretrain": ["--loop.seq_len=64"], "sft": ["--sft.eval_prompts=8", "--sft.eval_tasks=11"],
+        overrides += {"pretrain": ["--loop.seq_len=64"], "sft": ["--sft.eval_prompts=8", "--sft.eval_tasks=11", "--sft.pretrain_seq_len=32"],
                       "dpo": ["--dpo.eval_pairs=16", "--dpo.eval_prompts=8", "--dpo.eval_tasks=11"],
                       "ppo": ["--ppo.rollout_batch=4", "--ppo.eval_prompts=8", "--ppo.max_new_tokens=8"],
                       "grpo": ["--grpo.prompts_per_step=2", "--grpo.group_size=4", "--grpo.max_new_tokens=8",

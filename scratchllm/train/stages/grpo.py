@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from scratchllm.config import GRPOConfig, LoopConfig, OptimConfig
+from scratchllm.data.chat_batches import pad_right
 from scratchllm.data.jsonl import read_tasks
 from scratchllm.eval.chat_eval import task_pass_at_1
 from scratchllm.infer.sampling import SamplingParams
@@ -29,8 +30,8 @@ from scratchllm.train.checkpoint import load_model
 from scratchllm.train.logprobs import response_token_logprobs
 from scratchllm.train.loop import train
 from scratchllm.train.losses import grpo_advantages, grpo_loss
-from scratchllm.train.rewards import composite_reward
-from scratchllm.train.rollout import rollout_logprobs, sample_rollouts
+from scratchllm.train.rewards import composite_reward, score_task
+from scratchllm.train.rollout import sample_rollouts
 from scratchllm.train.stages.runner import base_sections, finish, resolve_sections, stage_main
 
 DEFAULT_LOOP = LoopConfig(max_steps=200, batch_size=1, eval_every=0, checkpoint_every=50, max_time_s=100, log_every=1)
@@ -55,8 +56,9 @@ class GRPOStage:
                 yield batch
 
     @torch.no_grad()
-    def _rollout_batch(self) -> dict[str, Any]:
-        assert self.policy is not None, "the loop calls loss() before batches are drawn; policy is set there"
+    def _draw(self) -> dict[str, Any]:
+        """One draw: `prompts_per_step` tasks × G sampled replies, scored, with group-relative advantages."""
+        assert self.policy is not None, "run() sets the policy before the loop draws batches"
         rng = random.Random(self.seed * 7919 + self.position)
         self.position += 1
         tasks = rng.sample(self.train_tasks, self.cfg.prompts_per_step)
@@ -65,22 +67,56 @@ class GRPOStage:
         params = SamplingParams(temperature=self.cfg.temperature)
         rollout = sample_rollouts(self.policy, self.tok, prompts, self.cfg.max_new_tokens, params, seed=self.seed + self.position)
         rewards = torch.tensor([self.reward_fn(text, tasks[i // G]) for i, text in enumerate(rollout.texts)])
+        correct = [score_task(text, tasks[i // G]) for i, text in enumerate(rollout.texts)]
         advantages, has_signal = grpo_advantages(rewards, G)
         self.groups_total += len(tasks)
         self.groups_dropped += int((~has_signal).sum())
-        keep = has_signal.repeat_interleave(G)
-        stats = {"reward": float(rewards.mean()), "groups_with_signal": float(has_signal.float().mean()),
-                 "reply_len": float(rollout.response_mask.sum(1).float().mean())}
-        if not keep.any():
-            # subtle: every group was all-right or all-wrong. Redrawing until one is not can loop forever
-            # (an untrained policy scores 0 everywhere), so take the step: only the KL term pulls.
-            keep = torch.ones_like(keep)
+        lengths = rollout.lengths.tolist()
+        return {
+            "rows": [rollout.ids[i, : lengths[i]].tolist() for i in range(len(lengths))],
+            "masks": [rollout.response_mask[i, : lengths[i]].tolist() for i in range(len(lengths))],
+            "advantages": advantages, "row_has_signal": has_signal.repeat_interleave(G), "n_signal": int(has_signal.sum()),
+            "stats": {"reward": float(rewards.mean()), "correct": sum(correct) / len(correct),
+                      "reply_len": float(rollout.response_mask.sum(1).float().mean())},
+        }
+
+    @torch.no_grad()
+    def _rollout_batch(self) -> dict[str, Any]:
+        """Dynamic sampling (DAPO, Yu et al. 2025, arXiv:2503.14476 §3.2): keep drawing until the batch holds
+        `prompts_per_step` groups with signal, at most `max_draws` draws. A group whose G replies all score the
+        same has zero advantage everywhere: it costs compute and only dilutes the step.
+        """
+        G, wanted = self.cfg.group_size, self.cfg.prompts_per_step
+        draws: list[dict[str, Any]] = []
+        rows: list[list[int]] = []
+        masks: list[list[int]] = []
+        advantages: list[float] = []
+        while len(draws) < self.cfg.max_draws and len(rows) < wanted * G:
+            draw = self._draw()
+            draws.append(draw)
+            for i, keep in enumerate(draw["row_has_signal"].tolist()):
+                if keep:
+                    rows.append(draw["rows"][i])
+                    masks.append(draw["masks"][i])
+                    advantages.append(float(draw["advantages"][i]))
+        if not rows:
+            # subtle: no group of any draw had signal. Redrawing until one does can loop forever (an untrained
+            # policy scores 0 everywhere), so take the step on the last draw: its advantages are all zero and
+            # only the KL term pulls.
+            rows, masks, advantages = draws[-1]["rows"], draws[-1]["masks"], draws[-1]["advantages"].tolist()
+        rows, masks, advantages = rows[: wanted * G], masks[: wanted * G], advantages[: wanted * G]
+        n_groups = len(draws) * wanted
+        stats = {k: sum(d["stats"][k] for d in draws) / len(draws) for k in draws[0]["stats"]}
+        stats |= {"groups_with_signal": sum(d["n_signal"] for d in draws) / n_groups, "draws": float(len(draws)),
+                  "groups_used": len(rows) / G}
+        ids = pad_right(rows, self.tok.pad_id)  # (B, T) prompt + reply, right-padded
+        response_mask = pad_right(masks, 0).bool()
         device = next(self.policy.parameters()).device
         self.reference.to(device)
-        old, mask = rollout_logprobs(self.policy, rollout, device)
-        ref, _ = rollout_logprobs(self.reference, rollout, device)
-        return {"ids": rollout.ids[keep], "response_mask": rollout.response_mask[keep], "old_logprobs": old[keep.to(device)],
-                "ref_logprobs": ref[keep.to(device)], "advantages": advantages[keep], "stats": stats}
+        old, _ = response_token_logprobs(self.policy, ids.to(device), response_mask.to(device))
+        ref, _ = response_token_logprobs(self.reference, ids.to(device), response_mask.to(device))
+        return {"ids": ids, "response_mask": response_mask, "old_logprobs": old, "ref_logprobs": ref,
+                "advantages": torch.tensor(advantages), "stats": stats}
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         logprobs, mask = response_token_logprobs(model, batch["ids"], batch["response_mask"])

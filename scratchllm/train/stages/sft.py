@@ -1,7 +1,9 @@
 """Supervised fine-tuning: cross-entropy on assistant tokens only (the chat template's loss mask).
 
 Headline metrics on held-out data: assistant-token loss, end-of-reply rate (does the model stop?) and
-verifiable-task pass@1. Data: corpus/chat/sft_{train,val}.jsonl, tasks_val.jsonl.
+verifiable-task pass@1, plus bits-per-byte on held-out pretraining text to show what SFT costs the base
+model. Data: corpus/chat/sft_{train,val}.jsonl, tasks_val.jsonl, and `sft.pretrain_rows` windows of
+pretraining text per step (replay, as InstructGPT's "PPO-ptx" mixes pretraining gradients; Ouyang et al. 2022).
 """
 
 from __future__ import annotations
@@ -11,18 +13,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from scratchllm.config import LoopConfig, OptimConfig, SFTConfig
+from scratchllm.data.batches import LMWindows, sequential_windows
 from scratchllm.data.chat_batches import EpochStream, render_sft, sft_batch
 from scratchllm.data.jsonl import read_conversations, read_tasks
 from scratchllm.eval.chat_eval import end_of_reply_rate, task_pass_at_1
+from scratchllm.eval.metrics import evaluate_lm, token_byte_lengths
 from scratchllm.model.lora import maybe_inject_lora, save_final_model
 from scratchllm.tokenizer.bpe import Tokenizer
 from scratchllm.train.checkpoint import load_model
 from scratchllm.train.loop import train
 from scratchllm.train.losses import cross_entropy_loss
+from scratchllm.train.stages.pretrain import shard_for
 from scratchllm.train.stages.runner import base_sections, finish, resolve_sections, stage_main
 
 DEFAULT_LOOP = LoopConfig(max_steps=600, batch_size=32, eval_every=0, eval_batches=8, checkpoint_every=200, max_time_s=150)
@@ -32,18 +38,32 @@ DEFAULT_OPTIM = OptimConfig(lr=1e-3, warmup_steps=20, weight_decay=0.0, min_lr_r
 class SFTStage:
     name = "sft"
 
-    def __init__(self, tok: Tokenizer, train_convs: list, val_convs: list, val_tasks: list, cfg: SFTConfig, loop: LoopConfig) -> None:
+    def __init__(self, tok: Tokenizer, train_convs: list, val_convs: list, val_tasks: list, cfg: SFTConfig, loop: LoopConfig,
+                 text_tokens: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.tok, self.cfg, self.loop = tok, cfg, loop
         self.stream = EpochStream(render_sft(tok, train_convs, cfg.max_len), loop.batch_size, loop.seed)
         self.val_examples = render_sft(tok, val_convs, cfg.max_len)
         self.val_convs, self.val_tasks = val_convs[: cfg.eval_prompts], val_tasks
+        self.text_windows = self.val_text = None
+        if text_tokens is not None:  # (train, val) pretraining tokens
+            if cfg.pretrain_rows > 0:
+                self.text_windows = LMWindows(text_tokens[0], cfg.pretrain_seq_len, cfg.pretrain_rows, seed=loop.seed)
+            self.val_text, self.token_bytes = text_tokens[1], token_byte_lengths(tok, tok.vocab_size)
 
     def batches(self, split: str) -> Iterator[dict[str, Tensor]]:
         for examples in self.stream:
-            yield sft_batch(examples, self.tok.pad_id)
+            batch = sft_batch(examples, self.tok.pad_id)
+            if self.text_windows is not None:  # window k is a pure function of k: resume stays exact
+                text = self.text_windows.batch(self.stream.position)
+                batch |= {"text_ids": text["ids"], "text_targets": text["targets"]}
+            yield batch
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        return cross_entropy_loss(model(batch["ids"]), batch["targets"], batch["mask"]), {}
+        loss = cross_entropy_loss(model(batch["ids"]), batch["targets"], batch["mask"])
+        if "text_ids" not in batch:
+            return loss, {}
+        text_loss = cross_entropy_loss(model(batch["text_ids"]), batch["text_targets"])
+        return loss + self.cfg.pretrain_weight * text_loss, {"chat_loss": float(loss.detach()), "text_loss": float(text_loss.detach())}
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         device = next(model.parameters()).device
@@ -54,6 +74,9 @@ class SFTStage:
             total += float(cross_entropy_loss(model(batch["ids"].to(device)), batch["targets"].to(device), batch["mask"].to(device))) * n
             count += n
         metrics = {"val_loss": total / max(count, 1)}
+        if self.val_text is not None:  # the same windows pretraining evaluates on: forgetting shows here
+            windows = sequential_windows(self.val_text, min(256, self.cfg.max_len), 16, 4)
+            metrics["val_bpb"] = evaluate_lm(model, windows, self.token_bytes)["val_bpb"]
         metrics["end_rate"] = end_of_reply_rate(model, self.tok, self.val_convs)
         metrics.update(task_pass_at_1(model, self.tok, self.val_tasks))
         return metrics
@@ -71,6 +94,15 @@ class SFTStage:
         save_final_model(model, self.tok, directory, self.sections)
 
 
+def pretraining_tokens(text_dir: Path, tok: Tokenizer, run_root: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(train, val) tokens of the pretraining text, reusing pretrain's shards when the tokenizer matches."""
+    if not (text_dir / "train").is_dir() or not (text_dir / "val").is_dir():
+        print(f"[sft] no pretraining text under {text_dir}: no replay, no val_bpb (--sft.pretrain_data)")
+        return None
+    cache = run_root / "pretrain" / "shards"
+    return shard_for(text_dir / "train", tok, cache), shard_for(text_dir / "val", tok, cache)
+
+
 def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overrides: list[str] | None = None,
         resume: bool = False) -> dict[str, Any]:
     """Fine-tune a pretrained model on chat conversations (loss on assistant tokens only)."""
@@ -84,7 +116,8 @@ def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overri
     model, tok, _ = load_model(init)
     sections["model"] = model.config
     maybe_inject_lora(model, sections["lora"])
-    stage = SFTStage(tok, train_convs, val_convs, val_tasks, sections["sft"], sections["loop"])
+    stage = SFTStage(tok, train_convs, val_convs, val_tasks, sections["sft"], sections["loop"],
+                     pretraining_tokens(Path(sections["sft"].pretrain_data), tok, Path(run_root)))
     stage.sections = sections
     torch.manual_seed(sections["loop"].seed)
     metrics = train(model, stage, sections["optim"], sections["loop"], stage_dir, resume=resume, tokenizer=tok,

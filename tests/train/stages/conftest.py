@@ -19,7 +19,7 @@ SIZES = {"sft_train": 400, "sft_val": 24, "tasks_train": 300, "tasks_val": 22, "
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> tuple[Path, Path]:
-    """(data_dir with small jsonl files, model directory of a tiny random GPT + tokenizer)."""
+    """(data_dir with small jsonl files, model directory of a tiny random GPT + tokenizer); text in data/../pretrain."""
     root = tmp_path_factory.mktemp("world")
     data = root / "chat"
     data.mkdir()
@@ -28,6 +28,11 @@ def tiny_world(tmp_path_factory) -> tuple[Path, Path]:
         lines = (CHAT / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
         (data / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
         text += [json.dumps(json.loads(line), ensure_ascii=False) for line in lines[:100]]
+    corpus = CHAT.parent / "pretrain"
+    for split, size in (("train", 60_000), ("val", 20_000)):  # a slice of real text for SFT's replay and val_bpb
+        (root / "pretrain" / split).mkdir(parents=True)
+        source = sorted((corpus / split).glob("*.txt"))[0].read_text(encoding="utf-8")[:size]
+        (root / "pretrain" / split / "text.txt").write_text(source, encoding="utf-8")
     tok = Tokenizer.train(["\n".join(text)], vocab_size=256 + 200 + 4, progress=False)
     torch.manual_seed(0)
     model = GPT(model_preset("tiny", vocab_size=tok.vocab_size, d_model=64, n_heads=4, n_kv_heads=2))

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
 
+from scratchllm.config import GRPOConfig
+from scratchllm.data.jsonl import read_tasks
 from scratchllm.train.checkpoint import load_model
 from scratchllm.train.stages import dpo, grpo, ppo, reward, sft
 from tests.train.stages.conftest import first_and_last_eval
@@ -18,9 +21,12 @@ FAST = ["--loop.eval_every=0", "--loop.checkpoint_every=0", "--loop.device=cpu",
 def sft_model(tiny_world, tmp_path_factory) -> tuple[Path, Path]:
     data, base = tiny_world
     root = tmp_path_factory.mktemp("sft")
-    sft.run(root, base, data, FAST + ["--loop.max_steps=60", "--loop.batch_size=16", "--optim.lr=3e-3",
-                                      "--sft.eval_prompts=16", "--sft.eval_tasks=22"])
+    sft.run(root, base, data, FAST + SFT_ARGS + [f"--sft.pretrain_data={data.parent / 'pretrain'}", "--sft.pretrain_rows=0"])
     return root, data
+
+
+SFT_ARGS = ["--loop.max_steps=60", "--loop.batch_size=16", "--optim.lr=3e-3", "--sft.eval_prompts=16", "--sft.eval_tasks=22",
+            "--sft.pretrain_seq_len=64"]
 
 
 def test_sft_lowers_assistant_loss_and_learns_to_stop(sft_model, tiny_world) -> None:
@@ -31,6 +37,15 @@ def test_sft_lowers_assistant_loss_and_learns_to_stop(sft_model, tiny_world) -> 
     base, _, _ = load_model(tiny_world[1])
     tuned, _, _ = load_model(root / "sft" / "final")
     assert not torch.equal(base.layers[0].mlp.up_proj.weight, tuned.layers[0].mlp.up_proj.weight)
+
+
+def test_sft_replay_of_pretraining_text_limits_forgetting(sft_model, tiny_world, tmp_path) -> None:
+    root, data = sft_model  # trained without replay
+    sft.run(tmp_path, tiny_world[1], data, FAST + SFT_ARGS + [f"--sft.pretrain_data={data.parent / 'pretrain'}",
+                                                               "--sft.pretrain_rows=4"])
+    (first, with_replay), without = first_and_last_eval(tmp_path / "sft"), first_and_last_eval(root / "sft")[1]
+    assert with_replay["val_bpb"] < without["val_bpb"] - 0.1, (with_replay["val_bpb"], without["val_bpb"])
+    assert with_replay["val_loss"] < first["val_loss"] - 1.0  # the chat loss still falls
 
 
 def test_reward_model_ranks_held_out_pairs(sft_model) -> None:
@@ -72,6 +87,22 @@ def test_grpo_raises_a_trivially_learnable_reward(sft_model, monkeypatch) -> Non
     rewards = [r["reward"] for r in rows]
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.2
     assert all("groups_with_signal" in r for r in rows)
+
+
+def test_grpo_dynamic_sampling_fills_the_batch_with_groups_that_carry_signal(sft_model) -> None:
+    root, data = sft_model
+    model, tok, _ = load_model(root / "sft" / "final")
+    tasks = read_tasks(data / "tasks_train.jsonl")
+    # Only `add` tasks can give a group mixed rewards; every other group is all-zero and must be left out.
+    reward_fn = lambda text, task: float(len(text) % 2) if task["family"] == "add" else 0.0
+    cfg = GRPOConfig(group_size=4, prompts_per_step=3, max_new_tokens=6, max_draws=6)
+    stage = grpo.GRPOStage(tok, copy.deepcopy(model), tasks, tasks[:4], cfg, seed=0, reward_fn=reward_fn)
+    stage.policy = model
+    batch = stage._rollout_batch()
+    advantages = batch["advantages"].view(-1, cfg.group_size)
+    assert batch["stats"]["draws"] > 1  # one draw of 3 tasks rarely holds 3 `add` groups
+    assert len(advantages) <= cfg.prompts_per_step and (advantages.abs().sum(1) > 0).all()
+    assert batch["ids"].shape[0] == batch["old_logprobs"].shape[0] == advantages.numel()
 
 
 def _train_rows(stage_dir: Path) -> list[dict]:
