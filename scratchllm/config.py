@@ -35,6 +35,10 @@ class ModelConfig:
     sliding_window: int = 0  # 0 = full causal attention; else attend to the last `sliding_window` tokens
     n_experts: int = 0  # 0 = dense SwiGLU MLP; > 0 = Mixture-of-Experts MLP
     n_experts_active: int = 2  # top-k experts per token when n_experts > 0
+    n_shared_experts: int = 0  # always-on experts every token also passes through (DeepSeekMoE, arXiv:2401.06066)
+    d_ff_expert: int = 0  # hidden width of each expert; 0 = the dense d_ff, so top-1 costs what the dense MLP costs
+    moe_aux_loss_coef: float = 0.01  # Switch Transformer's alpha (arXiv:2101.03961 §2.2): balances, barely hurts quality
+    moe_z_loss_coef: float = 0.001  # ST-MoE's c_z (arXiv:2202.08906 eq. 6): keeps router logits small and stable
     init_std: float = 0.02  # GPT-2 init; residual projections get init_std / sqrt(2 * n_layers)
 
     def __post_init__(self) -> None:
@@ -53,8 +57,14 @@ class ModelConfig:
                 raise ConfigError(f"--model.{name} must be positive, got {getattr(self, name)}")
         if self.sliding_window < 0:
             raise ConfigError("--model.sliding_window must be >= 0 (0 = full attention)")
+        for name in ("n_experts", "n_shared_experts", "d_ff_expert", "moe_aux_loss_coef", "moe_z_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--model.{name} must be >= 0, got {getattr(self, name)}")
         if self.n_experts and not 1 <= self.n_experts_active <= self.n_experts:
             raise ConfigError("--model.n_experts_active must be in [1, --model.n_experts]")
+        if self.n_shared_experts and not self.n_experts:
+            raise ConfigError("--model.n_shared_experts needs --model.n_experts > 0 (without routed experts, "
+                              "raise --model.d_ff for a wider dense MLP instead)")
 
     @property
     def d_head(self) -> int:
@@ -64,6 +74,11 @@ class ModelConfig:
     def resolved_d_ff(self) -> int:
         """SwiGLU hidden width: `d_ff`, or 8/3 * d_model rounded up to a multiple of 64 when d_ff == 0."""
         return self.d_ff or 64 * -(-(8 * self.d_model // 3) // 64)
+
+    @property
+    def resolved_d_ff_expert(self) -> int:
+        """Hidden width of one Mixture-of-Experts expert: `d_ff_expert`, or the dense width when 0."""
+        return self.d_ff_expert or self.resolved_d_ff
 
 
 # Model presets: `mini` is the CPU default (~5M parameters with an 8k vocab), `small` ~25-30M,

@@ -59,8 +59,14 @@ def llama_config(model: GPT, tok: Tokenizer) -> dict[str, Any]:
 
 
 def export_hf(model: GPT, tok: Tokenizer, out: Path) -> Path:
-    if model.config.n_experts or model.config.sliding_window:
-        raise ValueError("export supports dense full-attention models only (MoE / sliding window have no Llama equivalent)")
+    if model.config.n_experts:  # checked before anything is written, so no half-exported directory is left behind
+        raise ValueError(
+            f"cannot export a Mixture-of-Experts model (--model.n_experts={model.config.n_experts}) as "
+            "LlamaForCausalLM: it has one dense MLP per layer and no router, so the experts would be dropped or "
+            "misread. Export a dense checkpoint (--model.n_experts=0) instead."
+        )
+    if model.config.sliding_window:
+        raise ValueError("export supports full-attention models only (--model.sliding_window has no Llama equivalent)")
     out.mkdir(parents=True, exist_ok=True)
     state = {to_hf_name(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from scratchllm.config import LoopConfig, OptimConfig
+from scratchllm.model.moe import moe_aux_loss
 from scratchllm.train import distributed as dist
 from scratchllm.train.checkpoint import (
     latest_checkpoint,
@@ -110,6 +111,7 @@ def train(
     dist.init_from_env(device.type)
     torch.manual_seed(loop.seed)
     model.to(device)
+    moe_aux_loss(model)  # drop aux losses of forwards made before training: their graphs may already be freed
     named = list(stage.trainable_parameters(model)) if hasattr(stage, "trainable_parameters") else [
         (n, p) for n, p in model.named_parameters() if p.requires_grad
     ]
@@ -167,9 +169,10 @@ def train(
                 batch = _to(next(train_iter), device)
                 with dist.no_sync_unless(engine, micro == loop.grad_accum_steps - 1), autocast_for(device, loop.dtype):
                     loss, stats = stage.loss(engine, batch)
-                (loss / loop.grad_accum_steps).backward()
+                    aux, aux_stats = moe_aux_loss(engine)  # MoE balance + z-loss reach every stage; 0 if dense
+                ((loss + aux) / loop.grad_accum_steps).backward()
                 loss_sum += loss.item() / loop.grad_accum_steps
-                for key, value in stats.items():
+                for key, value in {**stats, **aux_stats}.items():
                     stats_sum[key] = stats_sum.get(key, 0.0) + value / loop.grad_accum_steps
                 step_tokens += stage.tokens_in(batch) if hasattr(stage, "tokens_in") else 0
             clip = optim.grad_clip if optim.grad_clip > 0 else float("inf")
