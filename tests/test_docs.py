@@ -209,20 +209,22 @@ def test_symbol_finder_knows_the_shapes_docs_use() -> None:
 
 # ---- 3. runnable commands ----------------------------------------------------------------------------
 def runnable_commands() -> list[tuple[str, str]]:
-    out = []
+    """(where, command) for each distinct command in a `bash runnable` block; a repeat runs once."""
+    out: dict[str, str] = {}
     for doc in DOCS:
         for info, lineno, lines in fenced_blocks(doc.read_text(encoding="utf-8")):
             if info.split()[:1] == ["bash"] and "runnable" in info.split()[1:]:
-                out += [(f"{rel(doc)}:{lineno}", cmd) for cmd in commands(lines)]
-    return out
+                for cmd in commands(lines):
+                    out[cmd] = f"{out[cmd]}, {rel(doc)}:{lineno}" if cmd in out else f"{rel(doc)}:{lineno}"
+    return [(where, cmd) for cmd, where in out.items()]
 
 
 RUNNABLE = runnable_commands()
 
 
 def test_docs_mark_some_commands_runnable() -> None:
-    assert any(where.startswith("README.md") for where, _ in RUNNABLE)
-    assert any(where.startswith("README.zh-CN.md") for where, _ in RUNNABLE)
+    assert any("README.md" in where for where, _ in RUNNABLE)
+    assert any("README.zh-CN.md" in where for where, _ in RUNNABLE)
     assert len(RUNNABLE) >= 5
 
 
