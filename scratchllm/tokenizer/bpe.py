@@ -44,6 +44,9 @@ SPLIT_PATTERN = (
     r"|\s{1,32}"
 )
 
+NO_RANK = float("inf")  # rank of a byte pair that is not in the vocabulary: never merged
+MAX_CACHED_CHUNKS = 500_000  # bounds the encoder's memory on corpora with very many unique pre-tokens
+
 FORMAT_NAME = "scratchllm-bpe"
 FORMAT_VERSION = 1
 
@@ -52,26 +55,57 @@ class TokenizerError(ValueError):
     """A tokenizer file or argument is unusable; the message says which and how to fix it."""
 
 
-def _merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
-    """Replace every non-overlapping occurrence of `pair` in `ids`, left to right."""
-    out, i, n = [], 0, len(ids)
-    while i < n:
-        if i < n - 1 and ids[i] == pair[0] and ids[i + 1] == pair[1]:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(ids[i])
-            i += 1
-    return out
+def _apply_merge(
+    pair: tuple[int, int],
+    new_id: int,
+    words: list[list[int]],
+    counts: list[int],
+    where: defaultdict[tuple[int, int], set[int]],
+) -> defaultdict[tuple[int, int], int]:
+    """Merge `pair` -> `new_id` in every word that holds it; return how much each pair's count changed.
+
+    Only the neighbours of a merged occurrence change, each by the word's count. Worked example,
+    merging (a, b) -> Z in the word "x a b a b" (left to right, no overlaps):
+      at i=1: left (x, a) -1, (x, Z) +1; right (b, a) -1, (Z, a) +1   -> "x Z a b"
+      at i=3: the left neighbour is now Z: (Z, a) -1, (Z, Z) +1         -> "x Z Z"
+    Net: (x, a) -1, (b, a) -1, (x, Z) +1, (Z, Z) +1; the provisional (Z, a) cancels out.
+    `where` (pair -> ids of words that may hold it) gains the new pairs; it is never pruned.
+    """
+    a, b = pair
+    delta: defaultdict[tuple[int, int], int] = defaultdict(int)
+    for w in where.pop(pair):
+        word, count = words[w], counts[w]
+        out: list[int] = []
+        i, n = 0, len(word)
+        while i < n:
+            if i < n - 1 and word[i] == a and word[i + 1] == b:
+                if out:  # subtle: the left neighbour comes from `out`, so it may already be new_id
+                    delta[out[-1], a] -= count
+                    delta[out[-1], new_id] += count
+                    where[out[-1], new_id].add(w)
+                if i + 2 < n:
+                    delta[b, word[i + 2]] -= count
+                    delta[new_id, word[i + 2]] += count
+                    where[new_id, word[i + 2]].add(w)
+                out.append(new_id)
+                i += 2
+            else:
+                out.append(word[i])
+                i += 1
+        words[w] = out  # unchanged if an earlier merge already took the pair from this word
+    delta.pop(pair, None)  # the merged pair itself can appear as a neighbour (in "a a a"); it is retired
+    return delta
 
 
 def _count_chunks(args: tuple[list[str], str]) -> Counter[bytes]:
+    """Frequency of every pre-token (regex chunk) as UTF-8 bytes; lone surrogates pass through."""
     texts, pattern = args
     compiled = regex.compile(pattern)
-    counts: Counter[bytes] = Counter()
+    counts: Counter[str] = Counter()
     for text in texts:
-        counts.update(m.encode("utf-8", "surrogatepass") for m in compiled.findall(text))
-    return counts
+        counts.update(compiled.findall(text))
+    # Encode each unique chunk once, not every occurrence.
+    return Counter({chunk.encode("utf-8", "surrogatepass"): n for chunk, n in counts.items()})
 
 
 class Tokenizer:
@@ -93,7 +127,7 @@ class Tokenizer:
         self.merges = merges  # (left id, right id) per merge; None for tokenizers built from rank tables
         self.metadata = dict(metadata or {})
         self._compiled = regex.compile(pattern)
-        self._cache: dict[bytes, list[int]] = {}
+        self._cache: dict[str, list[int]] = {}  # pre-token -> ids
         specials = sorted(self.special_tokens, key=len, reverse=True)
         self._special_re = regex.compile("(" + "|".join(regex.escape(s) for s in specials) + ")") if specials else None
 
@@ -127,7 +161,7 @@ class Tokenizer:
         counts = list(chunk_counts.values())
 
         pair_counts: defaultdict[tuple[int, int], int] = defaultdict(int)
-        where: defaultdict[tuple[int, int], set[int]] = defaultdict(set)  # pair -> words containing it
+        where: defaultdict[tuple[int, int], set[int]] = defaultdict(set)  # pair -> words that (may) contain it
         for w, (word, count) in enumerate(zip(words, counts)):
             for pair in zip(word, word[1:]):
                 pair_counts[pair] += count
@@ -143,33 +177,22 @@ class Tokenizer:
             neg, pair = heapq.heappop(heap)
             if pair_counts.get(pair, 0) != -neg:
                 continue  # stale heap entry: the count changed since it was pushed
-            if -neg < 1:
-                break
             new_id = len(vocab)
             vocab.append(vocab[pair[0]] + vocab[pair[1]])
             merges.append(pair)
-            changed: set[tuple[int, int]] = set()
-            for w in where.pop(pair):
-                word, count = words[w], counts[w]
-                new_word = _merge_pair(word, pair, new_id)
-                words[w] = new_word
-                # subtle: only pairs whose count inside this word changed are touched, so a merge costs
-                # O(words containing it), not O(corpus).
-                delta: defaultdict[tuple[int, int], int] = defaultdict(int)
-                for old in zip(word, word[1:]):
-                    delta[old] -= 1
-                for new in zip(new_word, new_word[1:]):
-                    delta[new] += 1
-                for p, d in delta.items():
-                    if d:
-                        pair_counts[p] += d * count
-                        changed.add(p)
-                        if d > 0:
-                            where[p].add(w)
+            # subtle: a merge touches only the words that hold the pair, and inside them only the
+            # neighbours of each occurrence, so it costs O(occurrences), not O(corpus).
+            delta = _apply_merge(pair, new_id, words, counts, where)
             del pair_counts[pair]
-            for p in changed:
-                if p != pair and pair_counts.get(p, 0) > 0:
-                    heapq.heappush(heap, (-pair_counts[p], p))
+            for p, d in delta.items():
+                if d == 0:
+                    continue
+                n = pair_counts[p] + d
+                if n > 0:
+                    pair_counts[p] = n
+                    heapq.heappush(heap, (-n, p))
+                else:
+                    del pair_counts[p]
             if bar is not None:
                 bar.update(1)
         if bar is not None:
@@ -189,30 +212,42 @@ class Tokenizer:
 
     # ---- encoding -------------------------------------------------------------------------------
     def _encode_chunk(self, chunk: bytes) -> list[int]:
-        cached = self._cache.get(chunk)
-        if cached is not None:
-            return cached
-        parts = [chunk[i : i + 1] for i in range(len(chunk))]
-        ranks = self.ranks
-        while len(parts) > 1:
-            # The adjacent pair whose merged bytes have the lowest rank merges first (leftmost on ties).
-            best_rank, best_i = None, -1
-            for i in range(len(parts) - 1):
-                rank = ranks.get(parts[i] + parts[i + 1])
-                if rank is not None and (best_rank is None or rank < best_rank):
-                    best_rank, best_i = rank, i
-            if best_rank is None:
-                break
-            parts[best_i : best_i + 2] = [parts[best_i] + parts[best_i + 1]]
-        ids = [ranks[p] for p in parts]
-        if len(self._cache) < 500_000:
-            self._cache[chunk] = ids
-        return ids
+        """Merge one pre-token: join the adjacent pair whose bytes have the lowest rank, leftmost on ties.
 
-    def _encode_ordinary(self, text: str, errors: str) -> list[int]:
+        `pair_ranks[i]` is the rank of `parts[i] + parts[i + 1]`; a merge changes only its two neighbours,
+        so each step is one `min` (in C) plus two lookups instead of a rescan of every pair.
+        """
+        ranks = self.ranks
+        parts = [chunk[i : i + 1] for i in range(len(chunk))]
+        pair_ranks = [ranks.get(left + right, NO_RANK) for left, right in zip(parts, parts[1:])]
+        while pair_ranks:
+            best = min(pair_ranks)
+            if best == NO_RANK:
+                break
+            i = pair_ranks.index(best)  # leftmost
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
+            del pair_ranks[i]
+            if i > 0:
+                pair_ranks[i - 1] = ranks.get(parts[i - 1] + parts[i], NO_RANK)
+            if i < len(pair_ranks):
+                pair_ranks[i] = ranks.get(parts[i] + parts[i + 1], NO_RANK)
+        return [ranks[p] for p in parts]
+
+    def _encode_ordinary(
+        self, text: str, errors: str = "surrogatepass", cache: dict[str, list[int]] | None = None
+    ) -> list[int]:
+        # The cache is keyed by the str chunk, so a hit skips UTF-8 encoding as well as merging.
+        # subtle: a chunk holding surrogates encodes differently under 'surrogateescape', so `encode_bytes`
+        # passes a cache of its own.
+        cache = self._cache if cache is None else cache
         ids: list[int] = []
         for piece in self._compiled.findall(text):
-            ids.extend(self._encode_chunk(piece.encode("utf-8", errors)))
+            piece_ids = cache.get(piece)
+            if piece_ids is None:
+                piece_ids = self._encode_chunk(piece.encode("utf-8", errors))
+                if len(cache) < MAX_CACHED_CHUNKS:
+                    cache[piece] = piece_ids
+            ids += piece_ids
         return ids
 
     def encode(self, text: str, allowed_special: Literal["all", "none"] | set[str] = "none") -> list[int]:
@@ -221,7 +256,7 @@ class Tokenizer:
         Lone surrogates are encoded with 'surrogatepass', so every Python str round-trips.
         """
         if allowed_special == "none" or not self._special_re:
-            return self._encode_ordinary(text, "surrogatepass")
+            return self._encode_ordinary(text)
         allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
         unknown = allowed - set(self.special_tokens)
         if unknown:
@@ -231,12 +266,12 @@ class Tokenizer:
             if part in allowed:
                 ids.append(self.special_tokens[part])
             elif part:
-                ids.extend(self._encode_ordinary(part, "surrogatepass"))
+                ids.extend(self._encode_ordinary(part))
         return ids
 
     def encode_bytes(self, data: bytes) -> list[int]:
         """Any byte string -> ids; invalid UTF-8 survives via 'surrogateescape' and `decode_bytes` restores it."""
-        return self._encode_ordinary(data.decode("utf-8", "surrogateescape"), "surrogateescape")
+        return self._encode_ordinary(data.decode("utf-8", "surrogateescape"), "surrogateescape", cache={})
 
     def encode_batch(
         self,

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
+import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scratchllm.tokenizer.bpe import StreamDecoder, Tokenizer, TokenizerError
+from scratchllm.tokenizer.bpe import SPLIT_PATTERN, StreamDecoder, Tokenizer, TokenizerError, _apply_merge
 
 SAMPLE = (
     "Hello, how are you? I'm fine -- thanks! The year 2026 has 365 days.\n\n"
@@ -32,6 +34,57 @@ def test_known_answer_merges() -> None:
     tok = Tokenizer.train(["aaabdaaabac"], vocab_size=256 + 3, special_tokens=[], progress=False)
     assert tok.merges == [(97, 97), (97, 98), (256, 257)]
     assert tok.encode("aaabdaaabac") == [258, 100, 258, 97, 99]
+
+
+def test_apply_merge_updates_only_neighbours() -> None:
+    # The docstring's worked example, with x=1, a=2, b=3, Z=9, in a word seen 5 times.
+    words, counts = [[1, 2, 3, 2, 3], [2, 3], [4, 4]], [5, 7, 11]
+    where = defaultdict(set, {(2, 3): {0, 1}})
+    delta = _apply_merge((2, 3), 9, words, counts, where)
+    assert words == [[1, 9, 9], [9], [4, 4]]
+    assert {p: d for p, d in delta.items() if d} == {(1, 2): -5, (3, 2): -5, (1, 9): 5, (9, 9): 5}
+    assert (2, 3) not in where and where[1, 9] == {0} and where[9, 9] == {0}
+
+
+def _naive_train(texts: list[str], n_merges: int) -> list[tuple[int, int]]:
+    """Reference BPE: recount every pair over every word before each merge (slow, obviously right)."""
+    words = Counter(tuple(m.encode()) for t in texts for m in regex.findall(SPLIT_PATTERN, t))
+    merges = []
+    for new_id in range(256, 256 + n_merges):
+        stats: Counter[tuple[int, int]] = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                stats[pair] += count
+        if not stats:
+            break
+        pair = min(stats, key=lambda p: (-stats[p], p))  # most frequent, then smallest pair
+        merges.append(pair)
+        merged: Counter[tuple[int, int]] = Counter()
+        for word, count in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if word[i : i + 2] == pair:
+                    out.append(new_id)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += count
+        words = merged
+    return merges
+
+
+@pytest.mark.parametrize("text", [SAMPLE, "aaaaaaa aaaa aaa abababab babab " * 3 + "明明明明明 " * 4])
+def test_incremental_training_equals_full_recount(text: str) -> None:
+    tok = Tokenizer.train([text], vocab_size=256 + 120, special_tokens=[], progress=False)
+    assert tok.merges == _naive_train([text], 120)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.text(alphabet="ab c明", max_size=60))
+def test_incremental_training_equals_full_recount_on_random_text(text: str) -> None:
+    tok = Tokenizer.train([text], vocab_size=256 + 30, special_tokens=[], progress=False)
+    assert tok.merges == _naive_train([text], 30)
 
 
 def test_vocab_layout_and_specials(tok: Tokenizer) -> None:
