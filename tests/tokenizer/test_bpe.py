@@ -179,6 +179,12 @@ MULTILINGUAL = [
     "numbers 1234567 3.14159 -42 1,000,000",
 ]
 
+# subtle: the `regex` module, tiktoken's Rust regex and HF's Oniguruma ship different Unicode versions, so a
+# character assigned in one and unassigned in another (e.g. U+12550: `regex` splits it off as a number, tiktoken
+# does not) is split differently before any BPE runs. The peer comparisons therefore draw only characters that
+# Python's own (older) tables already assign; the round-trip tests above still use every code point.
+ASSIGNED_CHARS = st.characters(exclude_categories=("Cs", "Cn"))
+
 
 def test_ids_equal_tiktoken_cl100k() -> None:
     tiktoken = pytest.importorskip("tiktoken")
@@ -188,7 +194,7 @@ def test_ids_equal_tiktoken_cl100k() -> None:
         assert ours.encode(text) == enc.encode_ordinary(text), text
 
     @settings(max_examples=100, deadline=None)
-    @given(st.text(max_size=120))
+    @given(st.text(ASSIGNED_CHARS, max_size=120))
     def check(text: str) -> None:
         assert ours.encode(text) == enc.encode_ordinary(text)
 
@@ -206,7 +212,7 @@ def test_exported_tokenizer_json_matches_hf_tokenizers(tok: Tokenizer, tmp_path:
         assert hf.encode(text).ids == tok.encode(text, allowed_special="all"), text
 
     @settings(max_examples=100, deadline=None)
-    @given(st.text(max_size=120))
+    @given(st.text(ASSIGNED_CHARS, max_size=120))
     def check(text: str) -> None:
         assert hf.encode(text).ids == tok.encode(text, allowed_special="all")
 
