@@ -207,7 +207,10 @@ class GRPOConfig:
     clip_eps: float = 0.2
     kl_coef: float = 0.02  # beta of the k3 KL to the reference
     max_new_tokens: int = 24  # canonical replies are ~8-15 tokens
-    temperature: float = 1.0
+    temperature: float = 0.7  # sample near the greedy policy that pass@1 measures; 1.0 mostly samples noise here
+    # Weight of the format bonus beside correctness (1.0). Group standardisation blows any within-group
+    # difference up to unit size, so even 0.1 makes GRPO chase format instead of answers: off by default.
+    format_weight: float = 0.0
     epochs: int = 1  # policy updates per rollout batch
     max_draws: int = 4  # dynamic sampling (DAPO): redraw until prompts_per_step groups have signal, at most this often
     eval_tasks: int = 440  # held-out verifiable tasks for pass@1 (the whole tasks_val split)

@@ -154,7 +154,9 @@ def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overri
     sections["model"] = model.config
     reference = copy.deepcopy(model)
     maybe_inject_lora(model, sections["lora"])
-    stage = GRPOStage(tok, reference, train_tasks, val_tasks, sections["grpo"], sections["loop"].seed, composite_reward)
+    weights = {"correct": 1.0, "format": sections["grpo"].format_weight}
+    reward_fn = lambda text, task: composite_reward(text, task, weights)
+    stage = GRPOStage(tok, reference, train_tasks, val_tasks, sections["grpo"], sections["loop"].seed, reward_fn)
     stage.sections = sections
     stage.policy = model
     metrics = train(model.train(), stage, sections["optim"], sections["loop"], stage_dir, resume=resume, tokenizer=tok,

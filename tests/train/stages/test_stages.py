@@ -80,7 +80,7 @@ def test_ppo_raises_a_trivially_learnable_reward(sft_model, monkeypatch) -> None
 
 def test_grpo_raises_a_trivially_learnable_reward(sft_model, monkeypatch) -> None:
     root, data = sft_model
-    monkeypatch.setattr(grpo, "composite_reward", lambda text, task: float(text.startswith("The")))
+    monkeypatch.setattr(grpo, "composite_reward", lambda text, task, weights: float(text.startswith("The")))
     grpo.run(root, root / "sft" / "final", data, FAST + ["--loop.max_steps=20", "--optim.lr=3e-3", "--grpo.prompts_per_step=4",
                                                         "--grpo.group_size=6", "--grpo.max_new_tokens=6"])
     rows = _train_rows(root / "grpo")
