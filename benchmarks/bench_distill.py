@@ -1,6 +1,6 @@
 """Distillation vs. no teacher: the same student, seed, data and steps, with and without the teacher's soft targets.
 
-    python benchmarks/bench_distill.py [--teacher runs/default/pretrain/final] [--steps 150] [--alpha 0.5] [--temperature 2]
+    python benchmarks/bench_distill.py [--teacher runs/default/pretrain/final] [--steps 150] [--alpha 0.5] [--temperature 1]
 
 Without --teacher it uses runs/default/pretrain/final when present, else pretrains a `mini` teacher for
 --teacher-time-s seconds first. Both students run through the real `distill` stage (alpha=1 is plain CE, the
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--student", nargs="*", default=["--model.d_model=128", "--model.n_layers=4", "--model.n_heads=4"],
                         help="--model.* overrides of the mini preset that shape the student")
     parser.add_argument("--out", type=Path, default=None, help="work directory (default: a temporary one)")

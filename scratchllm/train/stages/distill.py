@@ -26,6 +26,9 @@ from scratchllm.train.losses import cross_entropy_loss, distillation_loss
 from scratchllm.train.stages.pretrain import DEFAULT_LOOP, DEFAULT_OPTIM, PretrainStage, shard_for
 from scratchllm.train.stages.runner import base_sections, finish, resolve_sections, stage_main
 
+# T=1, not the T=2 of DistillConfig: at T=2 the student lost to plain CE in a 60-step sweep (docs/benchmarks.md).
+DEFAULT_DISTILL = DistillConfig(alpha=0.5, temperature=1.0)
+
 
 class DistillStage(PretrainStage):
     """PretrainStage's windows and evaluation with the teacher's soft targets added to the loss."""
@@ -88,7 +91,7 @@ def run(
     vocab = teacher_model.config.vocab_size
     sections = resolve_sections(
         base_sections(DEFAULT_LOOP, DEFAULT_OPTIM, model=model_preset(student_preset, vocab_size=vocab),
-                      distill=DistillConfig()),
+                      distill=DEFAULT_DISTILL),
         overrides,
     )
     cfg, loop = sections["distill"], sections["loop"]
