@@ -59,10 +59,20 @@ def stream_text(model, tok, prompt_ids: list[int], args: argparse.Namespace, out
     return text + tail
 
 
-def load_for_inference(checkpoint: Path, device: str):
+def add_quantize_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize", choices=["int8"], default=None,
+                        help="int8: per-channel int8 weights (about 4x smaller; see docs/benchmarks.md)")
+
+
+def load_for_inference(checkpoint: Path, device: str, quantize: str | None = None):
+    """Model directory -> (model in eval mode, tokenizer); --quantize int8 merges any LoRA adapters, then quantizes."""
     from scratchllm.train.checkpoint import load_model
 
     model, tok, _ = load_model(checkpoint, device)
+    if quantize == "int8":
+        from scratchllm.infer.quantize import quantize_int8
+
+        quantize_int8(model)
     return model, tok
 
 
@@ -74,8 +84,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--best-of", type=int, default=1, help="sample N chat replies, print the reward model's favourite")
     parser.add_argument("--reward-model", type=Path, default=None, help="reward model directory for --best-of")
     add_sampling_args(parser)
+    add_quantize_arg(parser)
     args = parser.parse_args(argv)
-    model, tok = load_for_inference(args.checkpoint, args.device)
+    model, tok = load_for_inference(args.checkpoint, args.device, args.quantize)
     if args.best_of > 1:
         if args.reward_model is None:
             parser.error("--best-of needs --reward-model DIR (e.g. runs/default/reward/final)")

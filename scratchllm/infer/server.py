@@ -299,6 +299,8 @@ def create_app(model: GPT, tok: Tokenizer, model_name: str = "scratchllm", api_k
 
 
 def main(argv: list[str]) -> int:
+    from scratchllm.infer.generate_cli import add_quantize_arg, load_for_inference
+
     parser = argparse.ArgumentParser(prog="scratchllm serve", description=__doc__)
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
@@ -308,12 +310,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together per wave")
     parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
     parser.add_argument("--device", default="cpu")
+    add_quantize_arg(parser)
     args = parser.parse_args(argv)
     import uvicorn
 
-    from scratchllm.train.checkpoint import load_model
-
-    model, tok, _ = load_model(args.checkpoint, args.device)
+    model, tok = load_for_inference(args.checkpoint, args.device, args.quantize)
     app = create_app(model, tok, args.model_name, args.api_key, args.max_batch, args.max_queue)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
