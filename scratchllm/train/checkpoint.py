@@ -176,8 +176,13 @@ def save_training_checkpoint(
     tokenizer: Tokenizer | None,
     config_sections: dict[str, Any],
     keep: int = 2,
+    rng: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
 ) -> Path:
-    """Write `step_XXXXXX/` atomically, point `latest` at it, keep the newest `keep` checkpoints."""
+    """Write `step_XXXXXX/` atomically, point `latest` at it, keep the newest `keep` checkpoints.
+
+    `rng` is an earlier `rng_state()` to record instead of the current one (the loop's state at the start of
+    an unfinished step).
+    """
     final = checkpoints_dir / f"step_{step:06d}"
     tmp = _atomic_dir(final)
     inner = unwrap(model)
@@ -188,7 +193,7 @@ def save_training_checkpoint(
         (tmp / "config.json").write_text(json.dumps({"format_version": CHECKPOINT_VERSION, **config_sections}, default=str))
     opt_tensors, opt_meta = _optimizer_to_files(optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    rng_tensors, rng_meta = rng_state()
+    rng_tensors, rng_meta = rng or rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     state = {"version": CHECKPOINT_VERSION, "step": step, "optimizer": opt_meta, "rng": rng_meta, **loop_state}
     (tmp / "state.json").write_text(json.dumps(state, default=str))

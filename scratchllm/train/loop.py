@@ -26,6 +26,7 @@ from scratchllm.train import distributed as dist
 from scratchllm.train.checkpoint import (
     latest_checkpoint,
     load_training_checkpoint,
+    rng_state,
     save_training_checkpoint,
     unwrap,
 )
@@ -134,12 +135,22 @@ def train(
         except Exception as err:  # e.g. Windows without a compiler: eager still trains correctly
             print(f"[{stage.name}] torch.compile unavailable ({err}); continuing in eager mode")
 
+    # subtle: batches are drawn before the step they feed is taken, so mid-step the data position and RNG are
+    # ahead of the weights. `step_start` holds them as they were when the unfinished step began (None between
+    # steps); a checkpoint written then (Ctrl-C) records those, and the resumed run redraws the same batches.
+    step_start: tuple[dict[str, Any] | None, Any] | None = None
+
+    def snapshot() -> tuple[dict[str, Any] | None, Any]:
+        return (stage.state_dict() if hasattr(stage, "state_dict") else None), rng_state()
+
     def checkpoint() -> None:
         if dist.is_main():
+            stage_state, rng = step_start or snapshot()
             loop_state = {"skipped": skipped, "train_seconds": train_seconds}
-            if hasattr(stage, "state_dict"):
-                loop_state["stage"] = stage.state_dict()
-            save_training_checkpoint(checkpoints, step, model, optimizer, loop_state, tokenizer, sections, loop.keep_checkpoints)
+            if stage_state is not None:
+                loop_state["stage"] = stage_state
+            save_training_checkpoint(checkpoints, step, model, optimizer, loop_state, tokenizer, sections,
+                                     loop.keep_checkpoints, rng=rng)
 
     def evaluate() -> dict[str, float]:
         unwrap(engine).eval()
@@ -157,6 +168,7 @@ def train(
     engine.train()
     try:
         while step < loop.max_steps:
+            step_start = snapshot()
             tick = time.perf_counter()
             progress = step / loop.max_steps
             if loop.max_time_s > 0:  # the cosine ends at the time budget when that comes first
@@ -191,7 +203,7 @@ def train(
             bad_streak = 0
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
+            step, step_start = step + 1, None
             elapsed = time.perf_counter() - tick
             train_seconds += elapsed
             tokens_seen += step_tokens

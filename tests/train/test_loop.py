@@ -127,6 +127,26 @@ def test_resume_is_bitwise_identical(tmp_path: Path) -> None:
         assert torch.equal(a, b), name
 
 
+def test_resume_after_ctrl_c_mid_step_is_bitwise_identical(tmp_path: Path) -> None:
+    loop = dataclasses.replace(LOOP, max_steps=20, batch_size=4, grad_accum_steps=2)
+    straight = _model()
+    train(straight, ToyLM(4), OPTIM, loop, tmp_path / "straight")
+
+    class CtrlCInStep12(ToyLM):
+        def loss(self, model, batch):
+            if self.windows.position == 2 * 11 + 2:  # both micro-batches of step 12 drawn, the step not taken
+                raise KeyboardInterrupt
+            return super().loss(model, batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_model(), CtrlCInStep12(4), OPTIM, loop, tmp_path / "resumed")
+    assert latest_checkpoint(tmp_path / "resumed" / "checkpoints").name == "step_000011"
+    resumed = _model(seed=123)
+    train(resumed, ToyLM(4), OPTIM, loop, tmp_path / "resumed", resume=True)  # must redraw step 12's batches
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+
+
 def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path: Path) -> None:
     model = _model()
     train(model, ToyLM(8), OPTIM, dataclasses.replace(LOOP, max_steps=2), tmp_path)
