@@ -128,10 +128,14 @@ def train(
         if hasattr(stage, "load_state_dict") and "stage" in state:
             stage.load_state_dict(state["stage"])
         print(f"[{stage.name}] resumed from {ckpt} at step {step}")
-    engine = dist.wrap(model, device)
+    engine = eager = dist.wrap(model, device)
+    compile_errors: tuple[type[Exception], ...] = ()  # answered by eager mode until a compiled micro-step succeeds
     if loop.compile:
         try:
             engine = torch.compile(engine)
+            from torch._dynamo.exc import TorchDynamoException  # inductor's errors derive from it too
+
+            compile_errors = (TorchDynamoException,)
         except Exception as err:  # e.g. Windows without a compiler: eager still trains correctly
             print(f"[{stage.name}] torch.compile unavailable ({err}); continuing in eager mode")
 
@@ -151,6 +155,13 @@ def train(
                 loop_state["stage"] = stage_state
             save_training_checkpoint(checkpoints, step, model, optimizer, loop_state, tokenizer, sections,
                                      loop.keep_checkpoints, rng=rng)
+
+    def forward_backward(batch: dict[str, Any], sync: bool) -> tuple[float, dict[str, float]]:
+        with dist.no_sync_unless(engine, sync), autocast_for(device, loop.dtype):
+            loss, stats = stage.loss(engine, batch)
+            aux, aux_stats = moe_aux_loss(engine)  # MoE balance + z-loss reach every stage; 0 if dense
+        ((loss + aux) / loop.grad_accum_steps).backward()
+        return loss.item(), {**stats, **aux_stats}
 
     def evaluate() -> dict[str, float]:
         unwrap(engine).eval()
@@ -179,12 +190,21 @@ def train(
             loss_sum, stats_sum, step_tokens = 0.0, {}, 0
             for micro in range(loop.grad_accum_steps):
                 batch = _to(next(train_iter), device)
-                with dist.no_sync_unless(engine, micro == loop.grad_accum_steps - 1), autocast_for(device, loop.dtype):
-                    loss, stats = stage.loss(engine, batch)
-                    aux, aux_stats = moe_aux_loss(engine)  # MoE balance + z-loss reach every stage; 0 if dense
-                ((loss + aux) / loop.grad_accum_steps).backward()
-                loss_sum += loss.item() / loop.grad_accum_steps
-                for key, value in {**stats, **aux_stats}.items():
+                sync = micro == loop.grad_accum_steps - 1
+                try:
+                    loss, stats = forward_backward(batch, sync)
+                except compile_errors as err:  # torch.compile compiles lazily: its errors surface at the first call
+                    cause = getattr(err, "inner_exception", None) or err  # BackendCompilerFailed wraps the real one
+                    reason = (str(cause).strip().splitlines() or [""])[0][:200]
+                    print(f"[{stage.name}] torch.compile failed at the first step ({type(cause).__name__}: {reason}); "
+                          "continuing in eager mode")
+                    engine = eager
+                    optimizer.zero_grad(set_to_none=True)  # anything the failed call accumulated
+                    moe_aux_loss(eager)
+                    loss, stats = forward_backward(batch, sync)
+                compile_errors = ()  # it compiled: any later error is a real one
+                loss_sum += loss / loop.grad_accum_steps
+                for key, value in stats.items():
                     stats_sum[key] = stats_sum.get(key, 0.0) + value / loop.grad_accum_steps
                 step_tokens += stage.tokens_in(batch) if hasattr(stage, "tokens_in") else 0
             clip = optim.grad_clip if optim.grad_clip > 0 else float("inf")

@@ -147,6 +147,23 @@ def test_resume_after_ctrl_c_mid_step_is_bitwise_identical(tmp_path: Path) -> No
         assert torch.equal(a, b), name
 
 
+def test_compile_error_at_the_first_step_falls_back_to_eager(tmp_path: Path, monkeypatch, capsys) -> None:
+    def no_compiler(graph, example_inputs):  # a backend failing as a missing C++ compiler or Triton would
+        raise RuntimeError("no C++ compiler found")
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: real_compile(model, backend=no_compiler))
+    eager, compiled = _model(), _model()
+    train(eager, ToyLM(8), OPTIM, dataclasses.replace(LOOP, max_steps=3), tmp_path / "eager")
+    try:
+        train(compiled, ToyLM(8), OPTIM, dataclasses.replace(LOOP, max_steps=3, compile=True), tmp_path / "compiled")
+    finally:
+        torch._dynamo.reset()
+    assert "torch.compile failed at the first step" in capsys.readouterr().out
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        assert torch.equal(a, b), name
+
+
 def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path: Path) -> None:
     model = _model()
     train(model, ToyLM(8), OPTIM, dataclasses.replace(LOOP, max_steps=2), tmp_path)
