@@ -1,8 +1,9 @@
 """`scratchllm pipeline`: tokenizer → pretrain → SFT → reward model → PPO → GRPO (and DPO beside PPO).
 
 The main job a newcomer runs first. Every stage writes `runs/<name>/<stage>/` and a `DONE.json`
-marker; a second invocation skips finished stages (resumable), `--only`/`--skip-*` pick stages, and
-the run ends by measuring every checkpoint on the same held-out sets and writing `report.md`.
+marker; a second invocation skips finished stages and continues an interrupted one from its last
+checkpoint, `--only`/`--skip-*` pick stages, and the run ends by measuring every checkpoint on the same
+held-out sets and writing `report.md`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -43,6 +45,15 @@ def _done(stage_dir: Path, key: str) -> dict[str, Any] | None:
 
 def _mark_done(stage_dir: Path, key: str, summary: dict[str, Any]) -> None:
     save_json(stage_dir / "DONE.json", {"inputs": key, "summary": summary})
+
+
+def _interrupted(stage_dir: Path, key: str) -> bool:
+    """Whether a run of this stage with the same inputs started, wrote a checkpoint and did not finish."""
+    from scratchllm.train.checkpoint import latest_checkpoint
+
+    marker = stage_dir / "STARTED.json"
+    return (marker.exists() and json.loads(marker.read_text()).get("inputs") == key
+            and latest_checkpoint(stage_dir / "checkpoints") is not None)
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -103,7 +114,7 @@ def main(argv: list[str]) -> int:
     summaries: dict[str, dict[str, Any]] = {}
     upstream_key = _hash_inputs(preset, args.vocab_size, args.toy, extra)
 
-    def run_stage(stage: str, fn: Callable[[], dict[str, Any]]) -> None:
+    def run_stage(stage: str, fn: Callable[[bool], dict[str, Any]]) -> None:
         nonlocal upstream_key
         stage_dir = root / stage
         key = _hash_inputs(upstream_key, stage, args.time_scale)
@@ -119,8 +130,14 @@ def main(argv: list[str]) -> int:
             summaries[stage] = previous["summary"]
             return
         print(f"\n[pipeline] ===== {stage} =====", flush=True)
+        resume = not args.fresh and _interrupted(stage_dir, key)
+        if resume:
+            print(f"[pipeline] {stage}: continuing the interrupted run from its last checkpoint")
+        else:
+            shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)  # another run's: never resume from them
+            save_json(stage_dir / "STARTED.json", {"inputs": key})
         start = time.perf_counter()
-        summary = dict(fn())
+        summary = dict(fn(resume))
         summary["time_s"] = round(time.perf_counter() - start, 1)
         stage_dir.mkdir(parents=True, exist_ok=True)
         _mark_done(stage_dir, key, summary)
@@ -130,7 +147,7 @@ def main(argv: list[str]) -> int:
 
     tokenizer_path = root / "tokenizer" / "tokenizer.json"
 
-    def tokenizer_stage() -> dict[str, Any]:
+    def tokenizer_stage(resume: bool) -> dict[str, Any]:  # nothing to resume: retraining is quick
         from scratchllm.tokenizer.cli import train_tokenizer_from_files
 
         paths = sorted((args.corpus / "pretrain" / "train").glob("*.txt"))
@@ -148,7 +165,7 @@ def main(argv: list[str]) -> int:
             raise PipelineError(f"{stage} has no final checkpoint at {path}; run the {stage} stage first")
         return path
 
-    def pretrain_stage() -> dict[str, Any]:
+    def pretrain_stage(resume: bool) -> dict[str, Any]:
         from scratchllm.train.stages import pretrain
 
         return pretrain.run(
@@ -157,17 +174,19 @@ def main(argv: list[str]) -> int:
             tokenizer=tokenizer_path,
             data_dir=args.corpus / "pretrain",
             overrides=_stage_overrides(args, "pretrain") + extra,
+            resume=resume,
         )
 
     run_stage("pretrain", pretrain_stage)
 
-    def post_stage(stage: str, init_from: str, **kwargs: Any) -> Callable[[], dict[str, Any]]:
-        def fn() -> dict[str, Any]:
+    def post_stage(stage: str, init_from: str, **kwargs: Any) -> Callable[[bool], dict[str, Any]]:
+        def fn(resume: bool) -> dict[str, Any]:
             import importlib
 
             module = importlib.import_module(f"scratchllm.train.stages.{stage}")
             return module.run(
-                root, final(init_from), data_dir=chat_dir, overrides=_stage_overrides(args, stage), **kwargs
+                root, final(init_from), data_dir=chat_dir, overrides=_stage_overrides(args, stage), resume=resume,
+                **kwargs,
             )
 
         return fn

@@ -6,8 +6,11 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from scratchllm.eval.report import COMPARISON_ROWS
-from scratchllm.pipeline import main
+from scratchllm.pipeline import TOY_STEPS, main
+from scratchllm.train.stages.pretrain import PretrainStage
 
 CORPUS = Path(__file__).resolve().parents[1] / "corpus"
 
@@ -33,3 +36,29 @@ def test_toy_pipeline_end_to_end_and_resumes(tmp_path: Path, capsys) -> None:
     assert main(["--toy", "--runs-dir", str(tmp_path), "--name", "toy", "--corpus", str(CORPUS), "--skip-report"]) == 0
     out = capsys.readouterr().out
     assert out.count("already done, skipping") == 7
+
+
+def test_rerun_continues_an_interrupted_stage_from_its_checkpoint(tmp_path: Path, monkeypatch, capsys) -> None:
+    corpus = tmp_path / "corpus"
+    for split in ("train", "val"):  # a slice of the real text keeps the toy tokenizer quick to train
+        (corpus / "pretrain" / split).mkdir(parents=True)
+        text = (CORPUS / "pretrain" / split / "shakespeare.txt").read_text(encoding="utf-8")[:40_000]
+        (corpus / "pretrain" / split / "text.txt").write_text(text, encoding="utf-8")
+    argv = ["--toy", "--runs-dir", str(tmp_path), "--name", "toy", "--corpus", str(corpus), "--only", "tokenizer,pretrain"]
+    real_loss = PretrainStage.loss
+
+    def ctrl_c_in_step_4(self, model, batch):
+        if self.windows.position == 4:
+            raise KeyboardInterrupt
+        return real_loss(self, model, batch)
+
+    monkeypatch.setattr(PretrainStage, "loss", ctrl_c_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "pretrain: continuing the interrupted run" in out and "at step 3" in out
+    done = json.loads((tmp_path / "toy" / "pretrain" / "DONE.json").read_text())
+    assert done["summary"]["steps"] == TOY_STEPS["pretrain"]
