@@ -26,6 +26,7 @@ from scratchllm.model.gpt import GPT
 from scratchllm.model.heads import ScalarModel, load_scalar_model
 from scratchllm.model.lora import save_final_model
 from scratchllm.tokenizer.bpe import Tokenizer
+from scratchllm.train import distributed as dist
 from scratchllm.train.checkpoint import load_model
 from scratchllm.train.logprobs import response_token_logprobs
 from scratchllm.train.loop import train
@@ -79,11 +80,13 @@ class PPOStage:
         device = next(policy.parameters()).device
         self.reference.to(device)
         self.reward_model.to(device)
-        rng = random.Random(self.seed * 104729 + self.position)
+        # Rollout k of the global stream, as batches are split (data/batches.py): rank r of N draws rollouts
+        # r, r+N, …, so ranks sample different prompts and replies, and one process draws what it always did.
+        k = self.position * dist.world_size() + dist.rank()
         self.position += 1
-        prompts = rng.sample(self.train_prompts, self.cfg.rollout_batch)
+        prompts = random.Random(self.seed * 104729 + k).sample(self.train_prompts, self.cfg.rollout_batch)
         rollout = sample_rollouts(policy, self.tok, prompts, self.cfg.max_new_tokens,
-                                  SamplingParams(temperature=self.cfg.temperature), seed=self.seed + self.position)
+                                  SamplingParams(temperature=self.cfg.temperature), seed=self.seed + k + 1)
         old_logprobs, mask = rollout_logprobs(policy, rollout, device)
         ref_logprobs, _ = rollout_logprobs(self.reference, rollout, device)
         scores = reward_model_scores(self.reward_model, rollout, device)

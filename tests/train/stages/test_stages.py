@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from scratchllm.config import GRPOConfig
-from scratchllm.data.jsonl import read_tasks
+from scratchllm.config import GRPOConfig, PPOConfig
+from scratchllm.data.jsonl import read_preferences, read_tasks
+from scratchllm.model.heads import ScalarModel
 from scratchllm.train.checkpoint import load_model
 from scratchllm.train.stages import dpo, grpo, ppo, reward, sft
 from tests.train.stages.conftest import first_and_last_eval
@@ -78,6 +80,31 @@ def test_ppo_raises_a_trivially_learnable_reward(sft_model, monkeypatch) -> None
     assert sum(rewards[-6:]) / 6 > sum(rewards[:6]) / 6 + 0.3, rewards
 
 
+def test_ppo_ranks_draw_different_rollouts_and_one_process_its_usual_stream(tiny_world, monkeypatch) -> None:
+    data, base = tiny_world
+    model, tok, _ = load_model(base)
+    prompts = [p["prompt"] for p in read_preferences(data / "prefs_train.jsonl")]
+
+    class Drawn(Exception):
+        pass
+
+    def capture(policy, tok, prompts, max_new_tokens, params, seed):
+        raise Drawn(prompts, seed)
+
+    monkeypatch.setattr(ppo, "sample_rollouts", capture)
+    drawn = {}
+    for rank, world_size in [(0, 1), (0, 2), (1, 2)]:
+        monkeypatch.setattr(ppo.dist, "rank", lambda rank=rank: rank)
+        monkeypatch.setattr(ppo.dist, "world_size", lambda n=world_size: n)
+        stage = ppo.PPOStage(tok, model, ScalarModel(model), prompts, [], PPOConfig(rollout_batch=4), seed=5)
+        stage.model = ppo.PolicyAndValue(model, ScalarModel(model))
+        with pytest.raises(Drawn) as caught:
+            stage._rollout_batch()
+        drawn[rank, world_size] = caught.value.args
+    assert drawn[0, 1] == (random.Random(5 * 104729).sample(prompts, 4), 5 + 1)  # the single-process stream
+    assert drawn[0, 2][0] != drawn[1, 2][0] and drawn[0, 2][1] != drawn[1, 2][1]
+
+
 def test_grpo_raises_a_trivially_learnable_reward(sft_model, monkeypatch) -> None:
     root, data = sft_model
     monkeypatch.setattr(grpo, "composite_reward", lambda text, task, weights: float(text.startswith("The")))
@@ -110,3 +137,4 @@ def _train_rows(stage_dir: Path) -> list[dict]:
 
     rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["split"] == "train" and "reward" in r]
+
