@@ -114,7 +114,7 @@ class PPOStage:
         v_loss = value_loss(values, batch["old_values"], batch["returns"], mask, self.cfg.value_clip_eps)
         with torch.no_grad():
             entropy_proxy = -masked_mean(logprobs, mask)  # mean surprisal of the sampled tokens
-        return policy_loss + self.cfg.value_coef * v_loss, {**stats, **batch["stats"], "value_loss": float(v_loss),
+        return policy_loss + self.cfg.value_coef * v_loss, {**stats, **batch["stats"], "value_loss": float(v_loss.detach()),
                                                              "entropy": float(entropy_proxy)}
 
     @torch.no_grad()

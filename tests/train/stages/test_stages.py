@@ -65,6 +65,7 @@ def test_dpo_raises_implicit_reward_accuracy(sft_model) -> None:
     assert after["dpo_accuracy"] > 0.6
 
 
+@pytest.mark.filterwarnings("error:Converting a tensor with requires_grad")  # float() of a live loss
 def test_ppo_raises_a_trivially_learnable_reward(sft_model, monkeypatch) -> None:
     root, data = sft_model
     reward.run(root, root / "sft" / "final", data, FAST + ["--loop.max_steps=1"])  # any reward model: replaced below
