@@ -24,7 +24,7 @@ from scratchllm.eval.chat_eval import generate_replies
 from scratchllm.infer.sampling import SamplingParams
 from scratchllm.model.gpt import GPT
 from scratchllm.model.heads import ScalarModel, load_scalar_model
-from scratchllm.model.lora import save_final_model
+from scratchllm.model.lora import maybe_inject_lora, save_final_model
 from scratchllm.tokenizer.bpe import Tokenizer
 from scratchllm.train import distributed as dist
 from scratchllm.train.checkpoint import load_model
@@ -183,6 +183,7 @@ def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overri
     policy, tok, _ = load_model(init)
     sections["model"] = policy.config
     reference = copy.deepcopy(policy)
+    maybe_inject_lora(policy, sections["lora"])  # adapters on the policy; the value model trains in full
     rm, _ = load_scalar_model(reward_dir)
     value = copy.deepcopy(rm).train().requires_grad_(True)  # the critic starts from the reward model
     model = PolicyAndValue(policy.train(), value)

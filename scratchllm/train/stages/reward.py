@@ -19,6 +19,7 @@ from scratchllm.config import LoopConfig, OptimConfig, RewardConfig
 from scratchllm.data.chat_batches import EpochStream, pair_batch, render_pair
 from scratchllm.data.jsonl import read_preferences
 from scratchllm.model.heads import ScalarModel, save_scalar_model
+from scratchllm.model.lora import has_lora, maybe_inject_lora, merge_lora
 from scratchllm.tokenizer.bpe import Tokenizer
 from scratchllm.train.checkpoint import load_model
 from scratchllm.train.loop import train
@@ -87,6 +88,8 @@ class RewardStage:
         return batch["chosen"].numel() + batch["rejected"].numel()
 
     def save_final(self, model: nn.Module, directory: Path) -> None:
+        if has_lora(model):  # no adapter-only copy: without the trained head it would not be a reward model
+            merge_lora(model)
         save_scalar_model(directory, model, self.tok, self.sections)
 
 
@@ -101,6 +104,7 @@ def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overri
     trunk, tok, _ = load_model(init)
     sections["model"] = trunk.config
     model = ScalarModel(trunk).train()
+    maybe_inject_lora(model.trunk, sections["lora"])  # the new `score` head always trains in full
     stage = RewardStage(tok, train_pairs, val_pairs, sections["reward"], sections["loop"])
     stage.sections = sections
     metrics = train(model, stage, sections["optim"], sections["loop"], stage_dir, resume=resume, tokenizer=tok,

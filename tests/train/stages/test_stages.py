@@ -11,7 +11,7 @@ import torch
 
 from scratchllm.config import GRPOConfig, PPOConfig
 from scratchllm.data.jsonl import read_preferences, read_tasks
-from scratchllm.model.heads import ScalarModel
+from scratchllm.model.heads import ScalarModel, load_scalar_model
 from scratchllm.train.checkpoint import load_model
 from scratchllm.train.stages import dpo, grpo, ppo, reward, sft
 from tests.train.stages.conftest import first_and_last_eval
@@ -104,6 +104,22 @@ def test_ppo_ranks_draw_different_rollouts_and_one_process_its_usual_stream(tiny
         drawn[rank, world_size] = caught.value.args
     assert drawn[0, 1] == (random.Random(5 * 104729).sample(prompts, 4), 5 + 1)  # the single-process stream
     assert drawn[0, 2][0] != drawn[1, 2][0] and drawn[0, 2][1] != drawn[1, 2][1]
+
+
+def test_lora_on_reward_and_ppo_trains_adapters_and_heads_only(sft_model, tmp_path) -> None:
+    root, data = sft_model
+    sft_final = root / "sft" / "final"
+    lora = ["--lora.r=2", "--lora.target_modules=q_proj", "--loop.max_steps=2"]
+    reward.run(tmp_path, sft_final, data, FAST + lora + ["--optim.lr=1e-2"])
+    ppo.run(tmp_path, sft_final, data, FAST + lora + ["--optim.lr=1e-2", "--ppo.rollout_batch=4", "--ppo.max_new_tokens=4",
+                                                      "--ppo.eval_prompts=4"])
+    base, _, _ = load_model(sft_final)
+    rm, _ = load_scalar_model(tmp_path / "reward" / "final")  # merged: a plain reward model
+    policy, _, _ = load_model(tmp_path / "ppo" / "final")
+    assert (tmp_path / "ppo" / "final_adapter" / "adapter.safetensors").exists()
+    for trunk in (rm.trunk, policy):
+        assert torch.equal(trunk.layers[0].mlp.up_proj.weight, base.layers[0].mlp.up_proj.weight)  # frozen
+        assert not torch.equal(trunk.layers[0].self_attn.q_proj.weight, base.layers[0].self_attn.q_proj.weight)
 
 
 def test_grpo_raises_a_trivially_learnable_reward(sft_model, monkeypatch) -> None:
