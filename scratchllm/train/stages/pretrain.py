@@ -110,22 +110,11 @@ def run(
 
 
 def _args(parser) -> None:
+    parser.add_argument("--init", type=Path, default=None,
+                        help="model directory to continue pretraining (default: a fresh model of --preset)")
     parser.add_argument("--preset", default="mini")
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.json (default: train one)")
 
 
 def main(argv: list[str]) -> int:
-    import argparse
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--init", type=Path, default=None)
-    known, rest = pre.parse_known_args(argv)
-
-    def run_with_init(run_root, overrides=None, resume=False, **kw):
-        return run(run_root, known.init, overrides=overrides, resume=resume, **kw)
-
-    run_with_init.__doc__ = run.__doc__
-    return stage_main(rest, "pretrain", run_with_init, needs_init=False, extra_args=_args)
-
-
-
+    return stage_main(argv, "pretrain", run, needs_init=False, extra_args=_args)

@@ -59,7 +59,8 @@ def stage_main(
     bad = [o for o in overrides if not (o.startswith("--") and "." in o.split("=", 1)[0] and "=" in o)]
     if bad:
         parser.error(f"unrecognised arguments {bad}; config overrides look like --section.key=value")
-    kwargs = {k: v for k, v in vars(args).items() if k not in ("run_dir", "init", "data_dir", "resume")}
+    passed = ("run_dir", "data_dir", "resume") + (("init",) if needs_init else ())  # the rest go to run() by name
+    kwargs = {k: v for k, v in vars(args).items() if k not in passed}
     if args.data_dir is not None:
         kwargs["data_dir"] = args.data_dir
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from scratchllm.config import GRPOConfig, PPOConfig
 from scratchllm.data.jsonl import read_preferences, read_tasks
 from scratchllm.model.heads import ScalarModel, load_scalar_model
 from scratchllm.train.checkpoint import load_model
-from scratchllm.train.stages import dpo, grpo, ppo, reward, sft
+from scratchllm.train.stages import dpo, grpo, ppo, pretrain, reward, sft
 from tests.train.stages.conftest import first_and_last_eval
 
 FAST = ["--loop.eval_every=0", "--loop.checkpoint_every=0", "--loop.device=cpu", "--loop.max_time_s=0"]
@@ -155,3 +156,8 @@ def _train_rows(stage_dir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["split"] == "train" and "reward" in r]
 
+
+def test_pretrain_help_lists_init(capsys) -> None:
+    with pytest.raises(SystemExit):
+        pretrain.main(["--help"])
+    assert re.search(r"^\s+--init INIT\b", capsys.readouterr().out, re.M)  # an option, not just the description
