@@ -103,6 +103,12 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _cell(text: str) -> str:
+    """Text for a markdown table cell: a bare `|` (as in <|im_end|>) ends the cell early, and `<…>` may be
+    taken for an HTML tag and hidden, so both are escaped."""
+    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def comparison_table(comparison: dict[str, dict[str, float | None]]) -> str:
     """Markdown table: rows are metrics, columns are stages, all on the same held-out sets."""
     columns = [s for s in STAGE_COLUMNS if s in comparison]
@@ -112,7 +118,7 @@ def comparison_table(comparison: dict[str, dict[str, float | None]]) -> str:
     ]
     for key, label, meaning in COMPARISON_ROWS:
         cells = [_fmt(comparison[stage].get(key)) for stage in columns]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {meaning} |")
+        lines.append(f"| {_cell(label)} | " + " | ".join(cells) + f" | {_cell(meaning)} |")
     return "\n".join(lines)
 
 
@@ -133,7 +139,7 @@ def write_report(
             f"{k}={_fmt(v)}" for k, v in summary.items()
             if k != "time_s" and "/" not in k and isinstance(v, (int, float))
         )
-        lines.append(f"| {stage} | {_fmt(summary.get('time_s'))} | {headline} |")
+        lines.append(f"| {stage} | {_fmt(summary.get('time_s'))} | {_cell(headline)} |")
     lines.append("")
     if plots:
         lines += ["## Curves", ""]
