@@ -4,7 +4,8 @@ Replaces the dense SwiGLU in `Block` when `--model.n_experts > 0`. References: s
 2017, arXiv:1701.06538); load-balancing loss (Switch Transformer, Fedus et al. 2021, arXiv:2101.03961 eq. 4-6);
 router z-loss (ST-MoE, Zoph et al. 2022, arXiv:2202.08906 eq. 5); shared experts (DeepSeekMoE, arXiv:2401.06066).
 Deviations: no expert capacity, so no token is ever dropped ("dropless", as in MegaBlocks, arXiv:2211.15841);
-padding tokens count in the balance statistics. The training loop adds `moe_aux_loss(model)` to every stage's loss.
+padding tokens count in the balance statistics. The training loop adds `moe_aux_loss(model)` to every stage's loss;
+the two loss functions are in train/losses.py.
 """
 
 from __future__ import annotations
@@ -16,25 +17,7 @@ from torch import Tensor, nn
 
 from scratchllm.config import ModelConfig
 from scratchllm.model.layers import SwiGLU
-
-
-def load_balancing_loss(probs: Tensor, expert_idx: Tensor) -> Tensor:
-    """Switch Transformer auxiliary loss (arXiv:2101.03961 eq. 4, without α): E · Σ_i f_i · P_i.
-
-    probs (N, E) router softmax; expert_idx (N, k) chosen experts. f_i = share of the N·k assignments that went to
-    expert i (eq. 5, counted over all k choices so Σ f = 1), P_i = mean router probability of expert i (eq. 6).
-    Only P carries gradient. A uniform router gives exactly 1 whatever f is; a router that sends everything to one
-    expert with certainty gives E.
-    """
-    E = probs.shape[-1]
-    f = torch.bincount(expert_idx.reshape(-1), minlength=E).to(probs.dtype) / expert_idx.numel()  # eq. 5
-    P = probs.mean(dim=0)  # eq. 6
-    return E * (f * P).sum()  # eq. 4
-
-
-def router_z_loss(logits: Tensor) -> Tensor:
-    """ST-MoE router z-loss (arXiv:2202.08906 eq. 5): mean over tokens of (log Σ_j exp(x_j))². logits (N, E)."""
-    return logits.logsumexp(dim=-1).pow(2).mean()  # eq. 5
+from scratchllm.train.losses import load_balancing_loss, router_z_loss
 
 
 class MoE(nn.Module):

@@ -226,16 +226,17 @@ def distillation_loss(
     return loss, {"ce": float(ce.detach()), "kl_teacher": float(kl.detach())}
 
 
-def load_balancing_loss(router_probs: Tensor, expert_index: Tensor, n_experts: int) -> Tensor:
+def load_balancing_loss(router_probs: Tensor, expert_index: Tensor) -> Tensor:
     """Switch Transformer aux loss (Fedus et al. 2021, arXiv:2101.03961 eq. 4): E·Σ_i f_i·P_i, without the α weight.
 
     router_probs (N, E) softmax over experts; expert_index (N, k) experts chosen per token. f_i is the share of
-    the N·k routing slots sent to expert i (eq. 5, generalised from k=1), P_i the mean router probability (eq. 6).
-    Equals 1 for uniform routing, its minimum when f is uniform; grows to E when everything goes to one expert.
+    the N·k routing slots sent to expert i (eq. 5, counted over all k choices so Σ f = 1), P_i the mean router
+    probability (eq. 6). Only P carries gradient. Equals 1 for a uniform router whatever f is, its minimum when
+    f is uniform; grows to E when everything goes to one expert with certainty.
     """
-    one_hot = F.one_hot(expert_index, n_experts).float().sum(dim=1)  # (N, E)
-    fraction = one_hot.mean(0) / expert_index.shape[1]  # f_i
-    prob = router_probs.float().mean(0)  # P_i
+    n_experts = router_probs.shape[-1]
+    fraction = torch.bincount(expert_index.reshape(-1), minlength=n_experts).float() / expert_index.numel()  # eq. 5
+    prob = router_probs.float().mean(0)  # eq. 6
     return n_experts * (fraction * prob).sum()  # eq. 4
 
 

@@ -134,8 +134,8 @@ def test_distillation_equals_ce_when_alpha_one_and_kl_zero_for_same_logits() -> 
 
 def test_load_balancing_minimal_for_uniform_router() -> None:
     n, e = 8, 4
-    uniform = load_balancing_loss(torch.full((n, e), 1 / e), torch.arange(n)[:, None] % e, e)
-    skewed = load_balancing_loss(torch.tensor([[0.7, 0.1, 0.1, 0.1]] * n), torch.zeros(n, 1, dtype=torch.long), e)
+    uniform = load_balancing_loss(torch.full((n, e), 1 / e), torch.arange(n)[:, None] % e)
+    skewed = load_balancing_loss(torch.tensor([[0.7, 0.1, 0.1, 0.1]] * n), torch.zeros(n, 1, dtype=torch.long))
     assert math.isclose(float(uniform), 1.0, rel_tol=1e-6) and float(skewed) > 2.0
 
 
@@ -265,9 +265,9 @@ def test_distillation_hand_computed_two_token_vocab() -> None:
 
 def test_load_balancing_top2_and_router_z_loss() -> None:
     # E = 2, k = 2: every token uses both experts -> f = [½, ½]; P = [0.9, 0.1] -> 2·(0.45 + 0.05) = 1
-    assert math.isclose(float(load_balancing_loss(torch.tensor([[0.9, 0.1]]), torch.tensor([[0, 1]]), 2)), 1.0)
+    assert math.isclose(float(load_balancing_loss(torch.tensor([[0.9, 0.1]]), torch.tensor([[0, 1]]))), 1.0)
     # everything on expert 0 with P = [1, 0]: 2·1·1 = 2 = E, the maximum
-    assert math.isclose(float(load_balancing_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[0]]), 2)), 2.0)
+    assert math.isclose(float(load_balancing_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[0]]))), 2.0)
     # logits [0, 0]: logsumexp = ln 2; [ln 3, 0]: logsumexp = ln 4 -> mean((ln 2)², (ln 4)²)
     z = router_z_loss(torch.tensor([[0.0, 0.0], [math.log(3), 0.0]]))
     assert math.isclose(float(z), (math.log(2) ** 2 + math.log(4) ** 2) / 2, rel_tol=1e-6)
