@@ -81,7 +81,7 @@ class ModelConfig:
         return self.d_ff_expert or self.resolved_d_ff
 
 
-# Model presets: `mini` is the CPU default (~5M parameters with an 8k vocab), `small` ~25-30M,
+# Model presets: `mini` is the CPU default (~5.5M parameters with TokenizerConfig's vocab), `small` ~25-30M,
 # `gpt2` ~124M (GPT-2 small shape, for a GPU), `tiny` is for tests only.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256),
@@ -100,8 +100,10 @@ def model_preset(name: str, **overrides: Any) -> ModelConfig:
 
 @dataclass
 class TokenizerConfig:
-    vocab_size: int = 8192  # merges + 256 bytes + specials; 8k suits a ~10 MB bilingual corpus
-    max_train_bytes: int = 0  # 0 = all; cap the text read for training
+    """Defaults of `scratchllm tokenizer`, the pipeline's tokenizer stage and pretrain's own tokenizer."""
+
+    vocab_size: int = 4096  # 256 bytes + merges + specials; more compresses better but widens embedding and softmax
+    bytes_per_file: int = 600_000  # train on a prefix of each file (0 = whole files): merges stabilise long before 10 MB
 
 
 @dataclass

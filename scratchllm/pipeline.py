@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from scratchllm.config import save_json
+from scratchllm.config import TokenizerConfig, save_json
 
 STAGES = ["tokenizer", "pretrain", "sft", "reward", "dpo", "ppo", "grpo", "report"]
 
@@ -63,7 +63,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--preset", default="mini", help="model preset (tiny for a toy run, mini for CPU)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     parser.add_argument("--corpus", type=Path, default=Path("corpus"), help="bundled data directory")
-    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--vocab-size", type=int, default=TokenizerConfig().vocab_size)
     parser.add_argument("--only", default="", help=f"comma-separated subset of {','.join(STAGES)}")
     for stage in STAGES:
         parser.add_argument(f"--skip-{stage}", action="store_true", help=f"skip the {stage} stage")

@@ -5,11 +5,13 @@ from scratchllm.config import (
     LoopConfig,
     ModelConfig,
     OptimConfig,
+    TokenizerConfig,
     apply_overrides,
     from_dict,
     model_preset,
     to_dict,
 )
+from scratchllm.pipeline import parse_args
 
 
 def test_overrides_are_coerced_to_field_types() -> None:
@@ -60,3 +62,7 @@ def test_json_round_trip() -> None:
 def test_unknown_preset() -> None:
     with pytest.raises(ConfigError, match="choose one of"):
         model_preset("huge")
+
+
+def test_tokenizer_vocab_default_has_one_source() -> None:
+    assert parse_args([])[0].vocab_size == TokenizerConfig().vocab_size

@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import argparse
 
-from scratchllm.config import MODEL_PRESETS, ConfigError, ModelConfig, apply_overrides, model_preset
+from scratchllm.config import (
+    MODEL_PRESETS,
+    ConfigError,
+    ModelConfig,
+    TokenizerConfig,
+    apply_overrides,
+    model_preset,
+)
 from scratchllm.model.gpt import GPT
 
 
@@ -47,7 +54,7 @@ def main(argv: list[str]) -> int:
                                      epilog="any ModelConfig field can be overridden: --model.n_experts=4")
     parser.add_argument("action", choices=["info"])
     parser.add_argument("--preset", default="mini", choices=sorted(MODEL_PRESETS))
-    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--vocab-size", type=int, default=TokenizerConfig().vocab_size, help="default: the tokenizer's")
     parser.add_argument("--seq-len", type=int, default=None)
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--model.")]

@@ -11,10 +11,10 @@ import hashlib
 import time
 from pathlib import Path
 
-from scratchllm.config import save_json
+from scratchllm.config import TokenizerConfig, save_json
 from scratchllm.tokenizer.bpe import DEFAULT_SPECIAL_TOKENS, Tokenizer, TokenizerError
 
-DEFAULT_BYTES_PER_FILE = 600_000  # train on a prefix of each file: merges stabilise long before 10 MB
+DEFAULTS = TokenizerConfig()
 
 
 def data_hash(paths: list[Path], vocab_size: int, bytes_per_file: int) -> str:
@@ -31,7 +31,7 @@ def _read_prefix(path: Path, n_bytes: int) -> str:
 
 
 def train_tokenizer_from_files(
-    paths: list[Path], vocab_size: int, out: Path, bytes_per_file: int = DEFAULT_BYTES_PER_FILE, progress: bool = True
+    paths: list[Path], vocab_size: int, out: Path, bytes_per_file: int = DEFAULTS.bytes_per_file, progress: bool = True
 ) -> Tokenizer:
     """Train (or reuse, when `out` was trained on exactly these files and settings) and save."""
     if not paths:
@@ -65,8 +65,8 @@ def bytes_per_token(tok: Tokenizer, text: str) -> float:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="scratchllm tokenizer", description=__doc__)
     parser.add_argument("files", nargs="*", type=Path, help="text files (default: corpus/pretrain/train/*.txt)")
-    parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--bytes-per-file", type=int, default=DEFAULT_BYTES_PER_FILE, help="0 = whole files")
+    parser.add_argument("--vocab-size", type=int, default=DEFAULTS.vocab_size)
+    parser.add_argument("--bytes-per-file", type=int, default=DEFAULTS.bytes_per_file, help="0 = whole files")
     parser.add_argument("--out", type=Path, default=Path("runs/default/tokenizer/tokenizer.json"))
     args = parser.parse_args(argv)
     files = args.files or sorted(Path("corpus/pretrain/train").glob("*.txt"))

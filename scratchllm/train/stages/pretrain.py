@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from scratchllm.config import LoopConfig, OptimConfig, model_preset
+from scratchllm.config import LoopConfig, OptimConfig, TokenizerConfig, model_preset
 from scratchllm.data.batches import LMWindows, sequential_windows
 from scratchllm.data.shards import ShardError, build_shard, load_shard
 from scratchllm.eval.metrics import evaluate_lm, token_byte_lengths
@@ -87,7 +87,7 @@ def run(
         from scratchllm.tokenizer.cli import train_tokenizer_from_files
 
         tokenizer = Path(run_root) / "tokenizer" / "tokenizer.json"
-        train_tokenizer_from_files(sorted((data_dir / "train").glob("*.txt")), 4096, tokenizer)
+        train_tokenizer_from_files(sorted((data_dir / "train").glob("*.txt")), TokenizerConfig().vocab_size, tokenizer)
     tok = Tokenizer.load(tokenizer)
     sections = resolve_sections(
         base_sections(DEFAULT_LOOP, DEFAULT_OPTIM, model=model_preset(preset, vocab_size=tok.vocab_size)), overrides
