@@ -15,7 +15,7 @@ from torch import nn
 from scratchllm.infer.engine import generate_batch
 from scratchllm.infer.sampling import SamplingParams
 from scratchllm.tokenizer.bpe import Tokenizer
-from scratchllm.tokenizer.chat import render_for_completion
+from scratchllm.tokenizer.chat import render_for_completion, reply_stop_ids
 from scratchllm.train.rewards import score_task
 
 
@@ -26,15 +26,16 @@ def generate_replies(
 ) -> list[tuple[str, bool]]:
     """(reply text without the end token, whether the reply ended with <|im_end|>) per prompt."""
     params = params or SamplingParams(temperature=0.0)
+    stop_ids = reply_stop_ids(tok)
     out: list[tuple[str, bool]] = []
     was_training = model.training
     model.eval()
     for start in range(0, len(prompts), batch_size):
         chunk = [render_for_completion(tok, p) for p in prompts[start : start + batch_size]]
-        ids, _ = generate_batch(model, chunk, max_new_tokens, params, {tok.im_end_id, tok.eos_id}, seed, tok.pad_id)
+        ids, _ = generate_batch(model, chunk, max_new_tokens, params, stop_ids, seed, tok.pad_id)
         for row in ids:
-            ended = bool(row) and row[-1] == tok.im_end_id
-            out.append((tok.decode(row[:-1] if ended else row), ended))
+            stopped = bool(row) and row[-1] in stop_ids
+            out.append((tok.decode(row[:-1] if stopped else row), stopped and row[-1] == tok.im_end_id))
     model.train(was_training)
     return out
 

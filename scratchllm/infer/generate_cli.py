@@ -14,6 +14,7 @@ import torch
 from scratchllm.infer.engine import generate
 from scratchllm.infer.sampling import SamplingParams
 from scratchllm.tokenizer.bpe import StreamDecoder
+from scratchllm.tokenizer.chat import reply_stop_ids
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +41,7 @@ def stream_text(model, tok, prompt_ids: list[int], args: argparse.Namespace, out
     """Generate, print as it comes, stop at the end tokens or a stop string; returns the text."""
     decoder = StreamDecoder(tok)
     text = ""
-    stop_ids = {tok.eos_id, tok.im_end_id}
+    stop_ids = reply_stop_ids(tok)
     for step in generate(model, [prompt_ids], args.max_new_tokens, sampling_from_args(args), stop_ids, args.seed, tok.pad_id):
         token = int(step.tokens[0])
         if token in stop_ids:

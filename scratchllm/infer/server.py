@@ -30,7 +30,7 @@ from scratchllm.infer.engine import generate
 from scratchllm.infer.sampling import SamplingParams
 from scratchllm.model.gpt import GPT
 from scratchllm.tokenizer.bpe import StreamDecoder, Tokenizer
-from scratchllm.tokenizer.chat import ChatFormatError, render_for_completion
+from scratchllm.tokenizer.chat import ChatFormatError, render_for_completion, reply_stop_ids
 
 STATIC = Path(__file__).parent / "static"
 
@@ -118,7 +118,7 @@ class BatchEngine:
         texts = [""] * len(jobs)
         done = [False] * len(jobs)
         counts = [0] * len(jobs)
-        stop_ids = {tok.im_end_id, tok.eos_id}
+        stop_ids = reply_stop_ids(tok)
         steps = generate(self.model, [j.prompt_ids for j in jobs], max(j.max_new_tokens for j in jobs),
                          [j.params for j in jobs], stop_ids, [j.seed for j in jobs], tok.pad_id)
         for step in steps:

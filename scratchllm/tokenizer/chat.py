@@ -64,6 +64,12 @@ def render_for_completion(tok: Tokenizer, messages: list[dict[str, str]]) -> lis
     return ids + _header(tok, "assistant")
 
 
+def reply_stop_ids(tok: Tokenizer) -> frozenset[int]:
+    """Tokens that end a generated reply: <|im_end|> closes it, <|endoftext|> ends the text, and <|im_start|>
+    opens the next turn, so a model that emits it has finished its reply without closing it."""
+    return frozenset({tok.im_end_id, tok.eos_id, tok.im_start_id})
+
+
 def render_text(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
     """The same template as text (what HF `apply_chat_template` must reproduce on export)."""
     validate_messages(messages)

@@ -103,3 +103,38 @@ def test_kv_cache_makes_generation_match_recompute(model: GPT) -> None:
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     assert out[0] == ids[len(prompt) :]
     assert math.isfinite(float(model(torch.tensor([ids])).sum()))
+
+
+class StartsANewTurn(GPT):
+    """A GPT that always picks <|im_start|> next: a chat model that begins another turn instead of closing its own."""
+
+    def forward(self, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        logits = torch.zeros(*ids.shape, self.config.vocab_size)
+        logits[..., self.next_id] = 100.0  # certain under any sampling settings
+        return logits
+
+
+def test_chat_replies_stop_when_the_model_starts_a_new_turn() -> None:
+    import argparse
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from scratchllm.eval.chat_eval import generate_replies
+    from scratchllm.infer.generate_cli import add_sampling_args, stream_text
+    from scratchllm.infer.server import create_app
+    from scratchllm.tokenizer.bpe import Tokenizer
+    from scratchllm.tokenizer.chat import render_for_completion
+
+    tok = Tokenizer.train(["hello there, general kenobi " * 20], 256 + 20 + 4, progress=False)
+    model = StartsANewTurn(model_preset("tiny", vocab_size=tok.vocab_size)).eval()
+    model.next_id = tok.im_start_id
+    messages = [{"role": "user", "content": "hello"}]
+    assert generate_replies(model, tok, [messages], max_new_tokens=8) == [("", False)]  # stopped, but not ended
+    parser = argparse.ArgumentParser()
+    add_sampling_args(parser)
+    assert stream_text(model, tok, render_for_completion(tok, messages), parser.parse_args([]), io.StringIO()) == ""
+    reply = TestClient(create_app(model, tok, "tiny")).post(
+        "/v1/chat/completions", json={"model": "tiny", "messages": messages, "max_tokens": 8}).json()
+    assert reply["choices"][0]["message"]["content"] == "" and reply["choices"][0]["finish_reason"] == "stop"
+    assert reply["usage"]["completion_tokens"] == 0
