@@ -140,6 +140,9 @@ class LoopConfig:
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | float32 | bfloat16
     compile: bool = False  # torch.compile the model (falls back with a warning where unsupported)
+    # Under torchrun: ddp keeps a full model per process; fsdp (FSDP2) shards parameters, gradients and Adam
+    # state across processes, for models too big for one device (pretrain, sft, dpo and distill support it).
+    parallel: str = "ddp"
     max_time_s: float = 0.0  # stop after this many seconds of training (0 = no limit)
 
     def __post_init__(self) -> None:
@@ -150,6 +153,8 @@ class LoopConfig:
             raise ConfigError(f"--loop.device must be auto|cpu|cuda|mps, got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"--loop.dtype must be auto|float32|bfloat16, got {self.dtype!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"--loop.parallel must be ddp|fsdp, got {self.parallel!r}")
 
 
 @dataclass
@@ -216,6 +221,13 @@ class GRPOConfig:
     epochs: int = 1  # policy updates per rollout batch
     max_draws: int = 4  # dynamic sampling (DAPO): redraw until prompts_per_step groups have signal, at most this often
     eval_tasks: int = 440  # held-out verifiable tasks for pass@1 (the whole tasks_val split)
+    # Sampled pass@1 (k replies per task at `temperature`) on the first `sampled_eval_tasks` of those; 0 = off.
+    # Greedy pass@1 hides probability moving toward the right answer until it is the top one.
+    eval_samples: int = 4
+    sampled_eval_tasks: int = 220  # 220 x 4 replies: ~40 s on 2 CPU cores, standard error ~0.01
+    curriculum: bool = True  # draw families by learnability p(1-p) (FamilyCurriculum); False = uniform tasks
+    curriculum_decay: float = 0.8  # EMA weight on a family's past success rate
+    curriculum_floor: float = 0.02  # added to every family's weight, so none is starved for good
 
 
 @dataclass

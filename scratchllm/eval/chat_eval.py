@@ -32,7 +32,8 @@ def generate_replies(
     model.eval()
     for start in range(0, len(prompts), batch_size):
         chunk = [render_for_completion(tok, p) for p in prompts[start : start + batch_size]]
-        ids, _ = generate_batch(model, chunk, max_new_tokens, params, stop_ids, seed, tok.pad_id)
+        chunk_seed = None if seed is None else seed + start  # rows of different chunks draw different noise
+        ids, _ = generate_batch(model, chunk, max_new_tokens, params, stop_ids, chunk_seed, tok.pad_id)
         for row in ids:
             stopped = bool(row) and row[-1] in stop_ids
             out.append((tok.decode(row[:-1] if stopped else row), stopped and row[-1] == tok.im_end_id))
@@ -61,3 +62,20 @@ def task_pass_at_1(model: nn.Module, tok: Tokenizer, tasks: list[dict[str, Any]]
     result = {"pass_at_1": sum(scores) / max(len(scores), 1)}
     result.update({f"pass_at_1/{f}": sum(v) / len(v) for f, v in sorted(by_family.items())})
     return result
+
+
+def task_sampled_pass_at_1(
+    model: nn.Module, tok: Tokenizer, tasks: list[dict[str, Any]], samples: int, temperature: float,
+    max_new_tokens: int = 24, seed: int = 0,
+) -> dict[str, float]:
+    """pass@1 estimated from `samples` sampled replies per task (DeepSeek-R1, arXiv:2501.12948 §3: mean over k).
+
+    pass@1 = 1/N Σ_tasks 1/k Σ_j correct_j, plus pass@k (any of the k right). Greedy pass@1 only moves when the
+    right answer becomes the most likely one; this also sees probability mass moving toward it. Seeded.
+    """
+    prompts = [t["prompt"] for t in tasks for _ in range(samples)]
+    replies = generate_replies(model, tok, prompts, max_new_tokens, params=SamplingParams(temperature=temperature), seed=seed)
+    per_task = [[score_task(replies[i * samples + j][0], task) for j in range(samples)] for i, task in enumerate(tasks)]
+    n = max(len(tasks), 1)
+    return {"sampled_pass_at_1": sum(sum(s) / samples for s in per_task) / n,
+            f"sampled_pass_at_{samples}": sum(max(s, default=0.0) for s in per_task) / n}

@@ -5,6 +5,8 @@ replies all score the same carry no signal and are dropped (and counted). Headli
 pass@1 on tasks_val with greedy decoding, before and after.
 Deviation from the paper: one policy update per rollout batch by default (`grpo.epochs`), so the clipped
 ratio is 1 on the first pass, as in the paper's single-update setting.
+Prompts come from a learnability curriculum over task families (`FamilyCurriculum`): a tiny model solves
+some families always or never, and those groups carry no signal.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from torch import Tensor, nn
 from scratchllm.config import GRPOConfig, LoopConfig, OptimConfig
 from scratchllm.data.chat_batches import pad_right
 from scratchllm.data.jsonl import read_tasks
-from scratchllm.eval.chat_eval import task_pass_at_1
+from scratchllm.eval.chat_eval import task_pass_at_1, task_sampled_pass_at_1
 from scratchllm.infer.sampling import SamplingParams
 from scratchllm.model.lora import maybe_inject_lora, save_final_model
 from scratchllm.tokenizer.bpe import Tokenizer
 from scratchllm.train.checkpoint import load_model
+from scratchllm.train.distributed import rank
 from scratchllm.train.logprobs import response_token_logprobs
 from scratchllm.train.loop import train
 from scratchllm.train.losses import grpo_advantages, grpo_loss
@@ -36,6 +39,43 @@ from scratchllm.train.stages.runner import base_sections, finish, resolve_sectio
 
 DEFAULT_LOOP = LoopConfig(max_steps=200, batch_size=1, eval_every=0, checkpoint_every=50, max_time_s=100, log_every=1)
 DEFAULT_OPTIM = OptimConfig(lr=2e-5, warmup_steps=3, weight_decay=0.0, min_lr_ratio=1.0, grad_clip=1.0)
+
+
+class FamilyCurriculum:
+    """Draw tasks family by family, weighted by learnability p·(1-p) (Foster & Foerster 2025, "Learning to Reason
+    at the Frontier of Learnability"), p = the family's running success rate in rollouts.
+
+    A family the policy always or never solves has p·(1-p) ≈ 0: its groups score all-equal and GRPO learns
+    nothing from them, so they are drawn rarely (`floor` keeps every family in play, since p moves). Every
+    family starts at p = 0.5, i.e. uniform. p is an exponential moving average with weight `decay` on the past.
+    """
+
+    def __init__(self, tasks: list[dict[str, Any]], decay: float, floor: float) -> None:
+        self.by_family: dict[str, list[dict[str, Any]]] = {}
+        for task in tasks:
+            self.by_family.setdefault(task["family"], []).append(task)
+        self.families = sorted(self.by_family)
+        self.success = {f: 0.5 for f in self.families}
+        self.decay, self.floor = decay, floor
+
+    def weights(self) -> list[float]:
+        return [self.success[f] * (1 - self.success[f]) + self.floor for f in self.families]
+
+    def sample(self, rng: random.Random, n: int) -> list[dict[str, Any]]:
+        families = rng.choices(self.families, weights=self.weights(), k=n)
+        return [rng.choice(self.by_family[f]) for f in families]
+
+    def update(self, families: list[str], correct: list[float]) -> None:
+        """One rollout per entry: the family it came from and whether it was right."""
+        for family in set(families):
+            scores = [c for f, c in zip(families, correct) if f == family]
+            self.success[family] = self.decay * self.success[family] + (1 - self.decay) * sum(scores) / len(scores)
+
+    def state_dict(self) -> dict[str, float]:
+        return dict(self.success)
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.success.update(state)
 
 
 class GRPOStage:
@@ -48,6 +88,7 @@ class GRPOStage:
         self.position = 0  # rollout batches drawn so far (resumable state)
         self.groups_total = self.groups_dropped = 0
         self.policy: nn.Module | None = None
+        self.curriculum = FamilyCurriculum(train_tasks, cfg.curriculum_decay, cfg.curriculum_floor) if cfg.curriculum else None
 
     def batches(self, split: str) -> Iterator[dict[str, Any]]:
         while True:
@@ -59,16 +100,22 @@ class GRPOStage:
     def _draw(self) -> dict[str, Any]:
         """One draw: `prompts_per_step` tasks × G sampled replies, scored, with group-relative advantages."""
         assert self.policy is not None, "run() sets the policy before the loop draws batches"
-        rng = random.Random(self.seed * 7919 + self.position)
+        rng = random.Random((self.seed + 1000 * rank()) * 7919 + self.position)  # each rank draws its own tasks
         self.position += 1
-        tasks = rng.sample(self.train_tasks, self.cfg.prompts_per_step)
+        if self.curriculum is None:
+            tasks = rng.sample(self.train_tasks, self.cfg.prompts_per_step)
+        else:
+            tasks = self.curriculum.sample(rng, self.cfg.prompts_per_step)
         G = self.cfg.group_size
         prompts = [t["prompt"] for t in tasks for _ in range(G)]
         params = SamplingParams(temperature=self.cfg.temperature)
-        rollout = sample_rollouts(self.policy, self.tok, prompts, self.cfg.max_new_tokens, params, seed=self.seed + self.position)
+        rollout = sample_rollouts(self.policy, self.tok, prompts, self.cfg.max_new_tokens, params,
+                                  seed=self.seed + 1000 * rank() + self.position)
         rewards = torch.tensor([self.reward_fn(text, tasks[i // G]) for i, text in enumerate(rollout.texts)])
         correct = [score_task(text, tasks[i // G]) for i, text in enumerate(rollout.texts)]
         advantages, has_signal = grpo_advantages(rewards, G)
+        if self.curriculum is not None:
+            self.curriculum.update([tasks[i // G]["family"] for i in range(len(correct))], correct)
         self.groups_total += len(tasks)
         self.groups_dropped += int((~has_signal).sum())
         lengths = rollout.lengths.tolist()
@@ -126,14 +173,24 @@ class GRPOStage:
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         result = task_pass_at_1(model, self.tok, self.val_tasks, self.cfg.max_new_tokens)
+        if self.cfg.eval_samples > 0:  # what GRPO optimises: the sampling policy's accuracy, on held-out tasks
+            result |= task_sampled_pass_at_1(model, self.tok, self.val_tasks[: self.cfg.sampled_eval_tasks],
+                                             self.cfg.eval_samples, self.cfg.temperature, self.cfg.max_new_tokens, seed=self.seed)
         result["groups_dropped_share"] = self.groups_dropped / max(self.groups_total, 1)
+        if self.curriculum is not None:
+            result |= {f"curriculum_p/{f}": p for f, p in self.curriculum.success.items()}
         return result
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position, "groups_total": self.groups_total, "groups_dropped": self.groups_dropped}
+        state = {"position": self.position, "groups_total": self.groups_total, "groups_dropped": self.groups_dropped}
+        if self.curriculum is not None:
+            state["curriculum"] = self.curriculum.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.position, self.groups_total, self.groups_dropped = state["position"], state["groups_total"], state["groups_dropped"]
+        if self.curriculum is not None and "curriculum" in state:
+            self.curriculum.load_state_dict(state["curriculum"])
 
     def tokens_in(self, batch: dict[str, Any]) -> int:
         return int(batch["response_mask"].sum())
