@@ -169,7 +169,7 @@ class LoRAConfig:
 class SFTConfig:
     max_len: int = 256  # conversations longer than this are truncated (loss mask follows)
     eval_prompts: int = 100  # held-out conversations for the end-of-reply rate
-    eval_tasks: int = 440  # held-out verifiable tasks for pass@1 (the whole tasks_val split)
+    eval_tasks: int = 480  # held-out verifiable tasks for pass@1 (the whole tasks_val split)
     # Replay of pretraining text: without it SFT on short chats erases language modelling (val bpb rose
     # 2.98 -> 4.82 in one default run). Each step adds this many windows of plain text (0 = off).
     pretrain_rows: int = 4
@@ -188,7 +188,7 @@ class DPOConfig:
     beta: float = 0.1  # strength of the implicit KL constraint (Rafailov et al. 2023)
     eval_pairs: int = 350  # held-out preference pairs (the whole prefs_val split)
     eval_prompts: int = 100  # held-out conversations for the end-of-reply rate
-    eval_tasks: int = 440  # held-out verifiable tasks for pass@1
+    eval_tasks: int = 480  # held-out verifiable tasks for pass@1
 
 
 @dataclass
@@ -220,11 +220,11 @@ class GRPOConfig:
     format_weight: float = 0.0
     epochs: int = 1  # policy updates per rollout batch
     max_draws: int = 4  # dynamic sampling (DAPO): redraw until prompts_per_step groups have signal, at most this often
-    eval_tasks: int = 440  # held-out verifiable tasks for pass@1 (the whole tasks_val split)
+    eval_tasks: int = 480  # held-out verifiable tasks for pass@1 (the whole tasks_val split)
     # Sampled pass@1 (k replies per task at `temperature`) on the first `sampled_eval_tasks` of those; 0 = off.
     # Greedy pass@1 hides probability moving toward the right answer until it is the top one.
     eval_samples: int = 4
-    sampled_eval_tasks: int = 220  # 220 x 4 replies: ~40 s on 2 CPU cores, standard error ~0.01
+    sampled_eval_tasks: int = 240  # 240 x 4 replies (10 per family and language): ~40 s on 2 CPU cores
     curriculum: bool = True  # draw families by learnability p(1-p) (FamilyCurriculum); False = uniform tasks
     curriculum_decay: float = 0.8  # EMA weight on a family's past success rate
     curriculum_floor: float = 0.02  # added to every family's weight, so none is starved for good

@@ -31,7 +31,7 @@ from scratchllm.data.tasks import canonical_reply, generate_unique_tasks, prompt
 from scratchllm.train.rewards import detect_language, extract_answer, parse_number  # noqa: E402
 
 SEED = 20261123
-VAL_TASKS_PER_PAIR = 20  # x 11 families x 2 languages = 440 held-out tasks (config: eval_tasks=440)
+VAL_TASKS_PER_PAIR = 20  # x 12 families x 2 languages = 480 held-out tasks (config: eval_tasks=480)
 HELDOUT_TASKS_PER_PAIR = 16  # task questions only for sft_val / prefs_val
 TRAIN_TASKS_PER_PAIR = 380  # upper bound; small families yield fewer unique questions
 HELDOUT_CHAT_SHARE = 0.12
@@ -305,7 +305,10 @@ RULES = ["wrong_answer", "wrong_language", "rude", "evasive", "rambling", "no_en
 
 
 def wrong_task_answer(answer: str, rng: random.Random) -> str:
-    """A plausible wrong answer in the same format: a nearby number, a reordered list, a changed numeral."""
+    """A plausible wrong answer in the same format: a nearby number, a reordered list, the other parity, a changed numeral."""
+    parity_swap = {"even": "odd", "odd": "even", "偶数": "奇数", "奇数": "偶数"}
+    if answer in parity_swap:
+        return parity_swap[answer]
     if answer.lstrip("-").isdigit():
         value = int(answer)
         return str(max(0, value + rng.choice([-3, -2, -1, 1, 2, 3, 10])) if value > 3 else value + rng.choice([1, 2, 3]))
