@@ -122,8 +122,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 # ---- training checkpoints --------------------------------------------------------------------------
-def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    state = optimizer.state_dict()
+def _optimizer_to_files(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for param_id, param_state in state["state"].items():
@@ -135,14 +134,14 @@ def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, tor
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         param_id, key = name.split(".", 1)
         state.setdefault(int(param_id), {})[key] = value
     for param_id, values in meta["scalars"].items():
         state.setdefault(int(param_id), {}).update(values)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -171,7 +170,7 @@ def save_training_checkpoint(
     checkpoints_dir: Path,
     step: int,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | dict[str, Any],
     loop_state: dict[str, Any],
     tokenizer: Tokenizer | None,
     config_sections: dict[str, Any],
@@ -180,8 +179,8 @@ def save_training_checkpoint(
 ) -> Path:
     """Write `step_XXXXXX/` atomically, point `latest` at it, keep the newest `keep` checkpoints.
 
-    `rng` is an earlier `rng_state()` to record instead of the current one (the loop's state at the start of
-    an unfinished step).
+    `optimizer` may be given as its state dict (FSDP2 gathers one). `rng` is an earlier `rng_state()` to record
+    instead of the current one (the loop's state at the start of an unfinished step).
     """
     final = checkpoints_dir / f"step_{step:06d}"
     tmp = _atomic_dir(final)
@@ -191,7 +190,7 @@ def save_training_checkpoint(
     else:  # wrapped models (reward/value heads) save their full state dict
         save_file(model_tensors(inner), str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps({"format_version": CHECKPOINT_VERSION, **config_sections}, default=str))
-    opt_tensors, opt_meta = _optimizer_to_files(optimizer)
+    opt_tensors, opt_meta = _optimizer_to_files(optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng_tensors, rng_meta = rng or rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
@@ -215,16 +214,22 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
     return path if (path / "state.json").exists() else None
 
 
-def load_training_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore weights, optimizer and RNG in place; return the loop state (step, stage data position, …)."""
+def read_training_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(weights, optimizer state dict, loop state: step, stage data position, …); restores the RNG states."""
     state = json.loads((path / "state.json").read_text())
     if state.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path}: checkpoint version {state.get('version')} cannot be resumed by this build")
+    optimizer_state = _optimizer_from_files(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+    set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
+    return load_file(str(path / "model.safetensors")), optimizer_state, state
+
+
+def load_training_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore weights, optimizer and RNG in place; return the loop state (step, stage data position, …)."""
+    weights, optimizer_state, state = read_training_checkpoint(path)
     inner = unwrap(model)
-    weights = load_file(str(path / "model.safetensors"))
     missing, unexpected = inner.load_state_dict(weights, strict=False)
     if unexpected or set(missing) - tied_names(inner):
         raise CheckpointError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
-    _optimizer_from_files(optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
-    set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
+    optimizer.load_state_dict(optimizer_state)
     return state

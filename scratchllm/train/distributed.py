@@ -1,8 +1,9 @@
 """Multi-process training through PyTorch's own engines: torchrun env -> process group -> DDP (or FSDP2).
 
-Launch: `torchrun --nproc_per_node N -m scratchllm pretrain ...`. Single-process runs never touch
-torch.distributed. Data is split by global batch index (see data/batches.py), so N processes with
-accumulation A see exactly the batches one process sees with accumulation N·A.
+Launch: `torchrun --nproc_per_node N -m scratchllm pretrain ...` (`--loop.parallel=fsdp` for FSDP2). Single-process
+runs never touch torch.distributed. Data is split by global batch index (see data/batches.py), so N processes with
+accumulation A see exactly the batches one process sees with accumulation N·A. Under FSDP2, checkpoints gather the
+full state to rank 0 first (`full_state`), so they are the same files DDP writes.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -43,10 +45,11 @@ def init_from_env(device_type: str) -> bool:
     return True
 
 
-def wrap(model: nn.Module, device: torch.device, fsdp: bool = False) -> nn.Module:
+def wrap(model: nn.Module, device: torch.device, parallel: str = "ddp") -> nn.Module:
+    """DDP, or FSDP2 (`parallel="fsdp"`, which replaces the parameters by shards in place); as is in one process."""
     if not is_distributed():
         return model
-    if fsdp:
+    if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard  # FSDP2: shards parameters per block, then the root
 
         for block in getattr(model, "layers", []):
@@ -55,6 +58,39 @@ def wrap(model: nn.Module, device: torch.device, fsdp: bool = False) -> nn.Modul
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """FSDP2: the unsharded model and optimizer state dicts on rank 0's CPU ({} on the other ranks), keyed as
+    `state_dict()` keys them without sharding. Collective: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    if not is_main():
+        return {}, {}
+    index = {name: i for i, name in enumerate(_param_names(model, optimizer))}  # names -> optimizer.state_dict() ids
+    return model_state, {"state": {index[n]: s for n, s in optim_state["state"].items()},
+                         "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in optim_state["param_groups"]]}
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],
+                    optim_state: dict[str, Any]) -> None:
+    """FSDP2, the inverse of `full_state`: every rank passes the full dicts (read from a checkpoint), keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    names = _param_names(model, optimizer)
+    optim_state = {"state": {names[i]: s for i, s in optim_state["state"].items()},
+                   "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in optim_state["param_groups"]]}
+    # strict=False: a tied lm_head.weight is saved once, under the embedding's name
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                   options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of each optimizer parameter, in the order optimizer.state_dict() numbers them."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ exact resume. It never names a stage.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import time
@@ -20,12 +21,13 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from scratchllm.config import LoopConfig, OptimConfig
+from scratchllm.config import ConfigError, LoopConfig, OptimConfig
 from scratchllm.model.moe import moe_aux_loss
 from scratchllm.train import distributed as dist
 from scratchllm.train.checkpoint import (
     latest_checkpoint,
     load_training_checkpoint,
+    read_training_checkpoint,
     rng_state,
     save_training_checkpoint,
     unwrap,
@@ -111,8 +113,15 @@ def train(
     device = resolve_device(loop.device)
     dist.init_from_env(device.type)
     torch.manual_seed(loop.seed)
+    if loop.parallel == "fsdp" and not getattr(stage, "supports_fsdp", False):
+        raise ConfigError(f"--loop.parallel=fsdp: the {stage.name} stage does not support FSDP2 (it calls parts of its "
+                          "model directly, or samples differently on each process); use --loop.parallel=ddp")
+    fsdp = loop.parallel == "fsdp" and dist.is_distributed()
+    # FSDP2 shards the parameters in place, so rank 0 keeps an unsharded copy to write checkpoints and final/ from
+    unsharded = copy.deepcopy(model).cpu() if fsdp and dist.is_main() else None
     model.to(device)
     moe_aux_loss(model)  # drop aux losses of forwards made before training: their graphs may already be freed
+    engine = eager = dist.wrap(model, device, loop.parallel)  # before the optimizer: FSDP2 swaps the parameters
     named = list(stage.trainable_parameters(model)) if hasattr(stage, "trainable_parameters") else [
         (n, p) for n, p in model.named_parameters() if p.requires_grad
     ]
@@ -123,12 +132,15 @@ def train(
     log = MetricsLog(run_dir)
     step, skipped, train_seconds = 0, 0, 0.0
     if resume and (ckpt := latest_checkpoint(checkpoints)) is not None:
-        state = load_training_checkpoint(ckpt, model, optimizer)
+        if fsdp:
+            weights, optimizer_state, state = read_training_checkpoint(ckpt)
+            dist.load_full_state(model, optimizer, weights, optimizer_state)
+        else:
+            state = load_training_checkpoint(ckpt, model, optimizer)
         step, skipped, train_seconds = state["step"], state.get("skipped", 0), state.get("train_seconds", 0.0)
         if hasattr(stage, "load_state_dict") and "stage" in state:
             stage.load_state_dict(state["stage"])
         print(f"[{stage.name}] resumed from {ckpt} at step {step}")
-    engine = eager = dist.wrap(model, device)
     compile_errors: tuple[type[Exception], ...] = ()  # answered by eager mode until a compiled micro-step succeeds
     if loop.compile:
         try:
@@ -148,12 +160,18 @@ def train(
         return (stage.state_dict() if hasattr(stage, "state_dict") else None), rng_state()
 
     def checkpoint() -> None:
+        saved, optimizer_state = model, optimizer
+        if fsdp:  # every rank joins the gather; rank 0 loads the full weights into its unsharded copy
+            weights, optimizer_state = dist.full_state(model, optimizer)
+            if unsharded is not None:
+                unsharded.load_state_dict(weights)
+            saved = unsharded
         if dist.is_main():
             stage_state, rng = step_start or snapshot()
             loop_state = {"skipped": skipped, "train_seconds": train_seconds}
             if stage_state is not None:
                 loop_state["stage"] = stage_state
-            save_training_checkpoint(checkpoints, step, model, optimizer, loop_state, tokenizer, sections,
+            save_training_checkpoint(checkpoints, step, saved, optimizer_state, loop_state, tokenizer, sections,
                                      loop.keep_checkpoints, rng=rng)
 
     def forward_backward(batch: dict[str, Any], sync: bool) -> tuple[float, dict[str, float]]:
@@ -251,10 +269,11 @@ def train(
     checkpoint()
     if dist.is_main():
         final_dir = run_dir / "final"
+        final = unsharded if fsdp else unwrap(engine)  # under FSDP, checkpoint() has just loaded the last weights
         if hasattr(stage, "save_final"):
-            stage.save_final(unwrap(engine), final_dir)
+            stage.save_final(final, final_dir)
         else:
             from scratchllm.train.checkpoint import save_model
 
-            save_model(final_dir, unwrap(engine), tokenizer, sections)
+            save_model(final_dir, final, tokenizer, sections)
     return {**metrics, "steps": step, "skipped_steps": skipped, "train_seconds": round(train_seconds, 1)}

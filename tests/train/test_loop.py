@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from scratchllm.config import LoopConfig, OptimConfig, model_preset
+from scratchllm.config import ConfigError, LoopConfig, OptimConfig, model_preset
 from scratchllm.data.batches import LMWindows
 from scratchllm.data.shards import ShardError, load_shard, write_shard
 from scratchllm.model.gpt import GPT
@@ -35,6 +35,7 @@ def _tokens(n: int = 4000) -> np.ndarray:
 
 class ToyLM:
     name = "toy"
+    supports_fsdp = True
 
     def __init__(self, batch_size: int, seq_len: int = 16, seed: int = 0, poison_steps: set[int] | None = None) -> None:
         self.windows = LMWindows(_tokens(), seq_len, batch_size, seed)
@@ -240,3 +241,55 @@ def test_two_process_ddp_equals_one_process_with_double_accumulation(tmp_path: P
     for name, param in single.state_dict().items():
         if name in ddp:
             assert torch.allclose(param, ddp[name], atol=1e-5), name
+
+
+FSDP_SCRIPT = """
+import os, sys, dataclasses, torch
+import torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from test_loop import ToyLM, _model, LOOP, OPTIM
+from scratchllm.train.loop import train
+rank = int(sys.argv[1])
+os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+loop = dataclasses.replace(LOOP, max_steps=4, batch_size=4, checkpoint_every=2, parallel="fsdp")
+
+class StopAfter2(ToyLM):  # both ranks stop in step 3, after the checkpoint of step 2
+    def loss(self, model, batch):
+        if self.windows.position > 2:
+            raise InterruptedError
+        return super().loss(model, batch)
+
+try:
+    train(_model(), StopAfter2(4), OPTIM, loop, {out!r})
+except InterruptedError:
+    pass
+train(_model(seed=123), ToyLM(4), OPTIM, loop, {out!r}, resume=True)  # reads the gathered step-2 checkpoint
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_two_processes_equal_one_process_and_resume_from_gathered_checkpoints(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script = FSDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "fsdp"))
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(r), port]) for r in range(2)]
+    assert all(p.wait(timeout=180) == 0 for p in procs)
+    single = _model()
+    train(single, ToyLM(4), OPTIM, dataclasses.replace(LOOP, max_steps=4, batch_size=4, grad_accum_steps=2), tmp_path / "single")
+    from safetensors.torch import load_file
+
+    fsdp = load_file(str(tmp_path / "fsdp" / "final" / "model.safetensors"))  # written from the gathered shards
+    for name, param in single.state_dict().items():
+        if name in fsdp:
+            assert torch.allclose(param, fsdp[name], atol=1e-5), name
+
+
+def test_fsdp_is_refused_by_stages_that_do_not_support_it(tmp_path: Path) -> None:
+    class NoFSDP(ToyLM):
+        supports_fsdp = False
+
+    with pytest.raises(ConfigError, match="does not support FSDP2"):
+        train(_model(), NoFSDP(8), OPTIM, dataclasses.replace(LOOP, parallel="fsdp"), tmp_path)

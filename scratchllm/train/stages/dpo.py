@@ -33,6 +33,7 @@ DEFAULT_OPTIM = OptimConfig(lr=1e-4, warmup_steps=5, weight_decay=0.0, min_lr_ra
 
 class DPOStage:
     name = "dpo"
+    supports_fsdp = True  # every step calls the whole model; evaluation generates the same replies on every rank
 
     def __init__(self, tok: Tokenizer, reference: nn.Module, train_pairs: list, val_pairs: list, val_convs: list,
                  val_tasks: list, cfg: DPOConfig, loop: LoopConfig) -> None:

@@ -30,6 +30,7 @@ DEFAULT_OPTIM = OptimConfig(lr=3e-3, warmup_steps=30, weight_decay=0.1, min_lr_r
 
 class PretrainStage:
     name = "pretrain"
+    supports_fsdp = True  # every step calls the whole model (--loop.parallel=fsdp)
 
     def __init__(self, train_tokens, val_tokens, tokenizer: Tokenizer, loop: LoopConfig) -> None:
         self.windows = LMWindows(train_tokens, loop.seq_len, loop.batch_size, seed=loop.seed)

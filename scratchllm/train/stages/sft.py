@@ -37,6 +37,7 @@ DEFAULT_OPTIM = OptimConfig(lr=1e-3, warmup_steps=20, weight_decay=0.0, min_lr_r
 
 class SFTStage:
     name = "sft"
+    supports_fsdp = True  # every step calls the whole model; evaluation generates the same replies on every rank
 
     def __init__(self, tok: Tokenizer, train_convs: list, val_convs: list, val_tasks: list, cfg: SFTConfig, loop: LoopConfig,
                  text_tokens: tuple[np.ndarray, np.ndarray] | None = None) -> None:
