@@ -16,7 +16,7 @@ from scratchllm.data.chat_batches import pad_right
 from scratchllm.infer.engine import generate_batch
 from scratchllm.infer.sampling import SamplingParams
 from scratchllm.tokenizer.bpe import Tokenizer
-from scratchllm.tokenizer.chat import render_for_completion
+from scratchllm.tokenizer.chat import render_for_completion, reply_stop_ids
 from scratchllm.train.logprobs import response_token_logprobs
 
 
@@ -37,7 +37,8 @@ def sample_rollouts(
     was_training = model.training
     model.eval()
     prompt_ids = [render_for_completion(tok, p) for p in prompts]
-    replies, _ = generate_batch(model, prompt_ids, max_new_tokens, params, {tok.im_end_id, tok.eos_id}, seed, tok.pad_id)
+    stop_ids = reply_stop_ids(tok)
+    replies, _ = generate_batch(model, prompt_ids, max_new_tokens, params, stop_ids, seed, tok.pad_id)
     model.train(was_training)
     rows, masks, texts, ended = [], [], [], []
     for prompt, reply in zip(prompt_ids, replies):
@@ -47,7 +48,7 @@ def sample_rollouts(
         masks.append([0] * len(prompt) + [1] * len(reply))
         finished = reply[-1] == tok.im_end_id
         ended.append(finished)
-        texts.append(tok.decode(reply[:-1] if finished or reply[-1] == tok.eos_id else reply))
+        texts.append(tok.decode(reply[:-1] if reply[-1] in stop_ids else reply))
     return Rollout(pad_right(rows, tok.pad_id), pad_right(masks, 0).bool(), torch.tensor([len(r) for r in rows]), texts, ended)
 
 

@@ -28,8 +28,8 @@ from scratchllm.eval.chat_eval import task_pass_at_1, task_sampled_pass_at_1
 from scratchllm.infer.sampling import SamplingParams
 from scratchllm.model.lora import maybe_inject_lora, save_final_model
 from scratchllm.tokenizer.bpe import Tokenizer
+from scratchllm.train import distributed as dist
 from scratchllm.train.checkpoint import load_model
-from scratchllm.train.distributed import rank
 from scratchllm.train.logprobs import response_token_logprobs
 from scratchllm.train.loop import train
 from scratchllm.train.losses import grpo_advantages, grpo_loss
@@ -100,7 +100,8 @@ class GRPOStage:
     def _draw(self) -> dict[str, Any]:
         """One draw: `prompts_per_step` tasks × G sampled replies, scored, with group-relative advantages."""
         assert self.policy is not None, "run() sets the policy before the loop draws batches"
-        rng = random.Random((self.seed + 1000 * rank()) * 7919 + self.position)  # each rank draws its own tasks
+        k = self.position * dist.world_size() + dist.rank()  # draw k of one global stream, split across ranks
+        rng = random.Random(self.seed * 7919 + k)
         self.position += 1
         if self.curriculum is None:
             tasks = rng.sample(self.train_tasks, self.cfg.prompts_per_step)
@@ -110,7 +111,7 @@ class GRPOStage:
         prompts = [t["prompt"] for t in tasks for _ in range(G)]
         params = SamplingParams(temperature=self.cfg.temperature)
         rollout = sample_rollouts(self.policy, self.tok, prompts, self.cfg.max_new_tokens, params,
-                                  seed=self.seed + 1000 * rank() + self.position)
+                                  seed=self.seed + k + 1)
         rewards = torch.tensor([self.reward_fn(text, tasks[i // G]) for i, text in enumerate(rollout.texts)])
         correct = [score_task(text, tasks[i // G]) for i, text in enumerate(rollout.texts)]
         advantages, has_signal = grpo_advantages(rewards, G)
