@@ -305,10 +305,7 @@ RULES = ["wrong_answer", "wrong_language", "rude", "evasive", "rambling", "no_en
 
 
 def wrong_task_answer(answer: str, rng: random.Random) -> str:
-    """A plausible wrong answer in the same format: a nearby number, a reordered list, the other parity, a changed numeral."""
-    parity_swap = {"even": "odd", "odd": "even", "偶数": "奇数", "奇数": "偶数"}
-    if answer in parity_swap:
-        return parity_swap[answer]
+    """A plausible wrong answer in the same format: a nearby number, a reordered list, a changed numeral."""
     if answer.lstrip("-").isdigit():
         value = int(answer)
         return str(max(0, value + rng.choice([-3, -2, -1, 1, 2, 3, 10])) if value > 3 else value + rng.choice([1, 2, 3]))

@@ -11,7 +11,7 @@ are kept small and answers short, because the model is tiny and sees a few thous
 Families (each with several templates per language, so no single wording can be memorised):
 add, subtract, multiply, two_step (a + b - c), compare (larger/smaller), count_letters, reverse (3-4
 letters or words), sort (3-4 numbers), units (m<->cm, kg<->g, h<->min, min<->s, week<->day),
-zh_numeral (一百二十三 <-> 123), next_number (the number after / before n), parity (is n even or odd?).
+zh_numeral (一百二十三 <-> 123), next_number (the number after / before n), remainder (n mod 2).
 
 Same seed, same items: `generate_tasks(n, seed)` is a pure function of its arguments.
 """
@@ -215,16 +215,14 @@ def _next_number(rng: random.Random, lang: str) -> tuple[str, str, str]:
     return _pick(rng, lang, en, zh), str(n - 1), "math"
 
 
-PARITY_WORDS = {"en": ("even", "odd"), "zh": ("偶数", "奇数")}
-
-
-def _parity(rng: random.Random, lang: str) -> tuple[str, str, str]:
-    # Two possible answers that depend on the last digit only: the one family a ~5M model can learn by RL in
-    # minutes (every GRPO group of 8 holds both outcomes early on), so it shows GRPO teaching, not only sharpening.
+def _remainder(rng: random.Random, lang: str) -> tuple[str, str, str]:
+    # n mod 2: the answer is 0 or 1 and depends on the last digit only. A ~5M model already answers with small
+    # numbers, so its GRPO groups hold both outcomes from the start and there is a rule to learn, not only a
+    # distribution to sharpen (the other families need it to read and copy numbers, which it cannot yet).
     n = rng.randint(0, 99)
-    en = [f"Is {n} even or odd?", f"Is the number {n} odd or even?", f"Tell me whether {n} is even or odd."]
-    zh = [f"{n} 是奇数还是偶数？", f"{n} 是偶数还是奇数？", f"判断 {n} 是奇数还是偶数。"]
-    return _pick(rng, lang, en, zh), PARITY_WORDS[lang][n % 2], "exact"
+    en = [f"What is the remainder when {n} is divided by 2?", f"What is {n} mod 2?", f"What is left over when {n} is divided by 2?"]
+    zh = [f"{n} 除以 2 的余数是多少？", f"{n} 除以 2 余几？", f"计算 {n} 除以 2 的余数。"]
+    return _pick(rng, lang, en, zh), str(n % 2), "math"
 
 
 FAMILIES: dict[str, Generator] = {
@@ -239,7 +237,7 @@ FAMILIES: dict[str, Generator] = {
     "units": _units,
     "zh_numeral": _zh_numeral,
     "next_number": _next_number,
-    "parity": _parity,
+    "remainder": _remainder,
 }
 
 
