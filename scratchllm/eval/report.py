@@ -122,6 +122,22 @@ def comparison_table(comparison: dict[str, dict[str, float | None]]) -> str:
     return "\n".join(lines)
 
 
+def before_after_table(run_dir: Path, stages: list[str]) -> str:
+    """Markdown table of each stage's own held-out metrics at its first and last evaluation (step 0 = the model
+    it started from), headline keys only (per-family breakdowns stay in metrics.jsonl)."""
+    lines = ["| stage | metric | before | after |", "|---|---|---:|---:|"]
+    for stage in stages:
+        evals = [r for r in read_metrics(run_dir / stage / "metrics.jsonl") if r.get("split") == "eval"]
+        if len(evals) < 2:
+            continue
+        first, last = evals[0], evals[-1]
+        for key, value in last.items():
+            if key in ("step", "split") or "/" in key or not isinstance(value, (int, float)):
+                continue
+            lines.append(f"| {stage} | {_cell(key)} | {_fmt(first.get(key))} | {_fmt(value)} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def write_report(
     run_dir: Path,
     comparison: dict[str, dict[str, float | None]],
@@ -141,6 +157,11 @@ def write_report(
         )
         lines.append(f"| {stage} | {_fmt(summary.get('time_s'))} | {_cell(headline)} |")
     lines.append("")
+    before_after = before_after_table(run_dir, stages)
+    if before_after:
+        lines += ["## Before and after, by each stage's own evaluation", "",
+                  "Step 0 measures the model the stage started from, on that stage's held-out set.", "",
+                  before_after, ""]
     if plots:
         lines += ["## Curves", ""]
         lines += [f"![{p.stem}]({p.name})" for p in plots]
