@@ -197,7 +197,10 @@ class PPOConfig:
     value_clip_eps: float = 0.2
     gamma: float = 1.0  # no discounting inside one short reply
     gae_lambda: float = 0.95
-    kl_coef: float = 0.05  # beta of the per-token KL penalty to the reference
+    # beta of the per-token KL penalty to the reference. 0.05 let PPO trade the reward model's blind spot (it cannot
+    # check arithmetic) for reward: learned reward 6.9 -> 8.2, gold 0.880 -> 0.868, task pass@1 0.135 -> 0.044,
+    # KL 0.76; 0.2 gave 6.9 -> 8.0 with gold 0.880 -> 0.879 and KL 0.36 (75 steps, one default run's models).
+    kl_coef: float = 0.2
     ppo_epochs: int = 2
     rollout_batch: int = 32
     max_new_tokens: int = 48
