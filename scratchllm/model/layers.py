@@ -17,6 +17,9 @@ from torch import Tensor, nn
 
 from scratchllm.config import ModelConfig
 
+# torch >= 2.5: SDPA takes fewer K/V heads than query heads itself (enable_gqa), so GQA needs no K/V copies.
+SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
 if TYPE_CHECKING:
     from scratchllm.model.kv_cache import KVCache
 
@@ -99,14 +102,18 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, K, T_past + T, D)
         group = self.n_heads // self.n_kv_heads
-        if group > 1:  # each K/V head serves `group` consecutive query heads
-            k = k.repeat_interleave(group, dim=1)  # (B, H, T_k, D)
-            v = v.repeat_interleave(group, dim=1)
         dropout = self.dropout if self.training else 0.0
-        if self.use_sdpa:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
+        if self.use_sdpa and SDPA_HAS_GQA:  # SDPA maps query head h to K/V head h // group without copying K/V
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+                                               enable_gqa=group > 1)
         else:
-            y = reference_attention(q, k, v, mask, dropout)
+            if group > 1:  # each K/V head serves `group` consecutive query heads
+                k = k.repeat_interleave(group, dim=1)  # (B, H, T_k, D)
+                v = v.repeat_interleave(group, dim=1)
+            if self.use_sdpa:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
+            else:
+                y = reference_attention(q, k, v, mask, dropout)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.d_head)  # (B, T, H*D)
         return self.o_proj(y)
 
