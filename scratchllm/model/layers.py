@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from scratchllm.config import ModelConfig
 
 # torch >= 2.5: SDPA takes fewer K/V heads than query heads itself (enable_gqa), so GQA needs no K/V copies.
-SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+SDPA_HAS_GQA = torch.__version__ >= (2, 5)
 
 if TYPE_CHECKING:
     from scratchllm.model.kv_cache import KVCache
