@@ -232,6 +232,17 @@ class GRPOConfig:
     curriculum_decay: float = 0.8  # EMA weight on a family's past success rate
     curriculum_floor: float = 0.02  # added to every family's weight, so none is starved for good
 
+    def __post_init__(self) -> None:
+        if self.group_size < 2:
+            raise ConfigError(f"--grpo.group_size must be at least 2 (advantages compare replies), got {self.group_size}")
+        if self.eval_samples < 0 or self.sampled_eval_tasks < 0:
+            raise ConfigError("--grpo.eval_samples and --grpo.sampled_eval_tasks must be >= 0 (0 turns sampled pass@1 off)")
+        if not 0 <= self.curriculum_decay < 1:
+            raise ConfigError(f"--grpo.curriculum_decay must be in [0, 1), got {self.curriculum_decay}")
+        if self.curriculum_floor <= 0:
+            raise ConfigError(f"--grpo.curriculum_floor must be positive (a zero weight starves a family), "
+                              f"got {self.curriculum_floor}")
+
 
 @dataclass
 class DistillConfig:

@@ -66,3 +66,12 @@ def test_unknown_preset() -> None:
 
 def test_tokenizer_vocab_default_has_one_source() -> None:
     assert parse_args([])[0].vocab_size == TokenizerConfig().vocab_size
+
+
+def test_grpo_config_validation_names_the_flag() -> None:
+    from scratchllm.config import GRPOConfig
+
+    for kwargs, flag in (({"group_size": 1}, "--grpo.group_size"), ({"curriculum_decay": 1.0}, "--grpo.curriculum_decay"),
+                         ({"curriculum_floor": 0.0}, "--grpo.curriculum_floor"), ({"eval_samples": -1}, "--grpo.eval_samples")):
+        with pytest.raises(ConfigError, match=flag):
+            GRPOConfig(**kwargs)
