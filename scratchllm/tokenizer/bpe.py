@@ -14,10 +14,11 @@ from __future__ import annotations
 import codecs
 import hashlib
 import heapq
+import itertools
 import json
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from multiprocessing import Pool
 from pathlib import Path
 from typing import Any, Literal
@@ -108,6 +109,23 @@ def _count_chunks(args: tuple[list[str], str]) -> Counter[bytes]:
     return Counter({chunk.encode("utf-8", "surrogatepass"): n for chunk, n in counts.items()})
 
 
+COUNT_BATCH_CHARS = 1_000_000  # texts counted per batch while training: bounds the memory for the raw text
+
+
+def _text_batches(texts: Iterable[str], max_chars: int) -> Iterator[list[str]]:
+    """Consecutive texts grouped until a group holds at least `max_chars` characters (one long text is one group)."""
+    batch: list[str] = []
+    size = 0
+    for text in texts:
+        batch.append(text)
+        size += len(text)
+        if size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
 class Tokenizer:
     """Byte-level BPE. ids 0..255 are bytes, then merges in rank order, then special tokens."""
 
@@ -150,13 +168,17 @@ class Tokenizer:
         n_merges = vocab_size - 256 - len(special_tokens)
         if n_merges < 0:
             raise TokenizerError(f"vocab_size={vocab_size} is smaller than 256 bytes + {len(special_tokens)} specials")
-        texts = list(texts)
+        # Stream the texts in batches of ~COUNT_BATCH_CHARS, so the corpus is never held in memory at once.
+        batches = ((batch, pattern) for batch in _text_batches(texts, COUNT_BATCH_CHARS))
+        chunk_counts: Counter[bytes] = Counter()
         if num_workers > 1:
-            shards = [(texts[i::num_workers], pattern) for i in range(num_workers)]
-            with Pool(num_workers) as pool:
-                chunk_counts = sum(pool.map(_count_chunks, shards), Counter())
+            with Pool(num_workers) as pool:  # a few batches in flight at a time (Pool.imap would read ahead)
+                while window := list(itertools.islice(batches, 2 * num_workers)):
+                    for part in pool.map(_count_chunks, window):
+                        chunk_counts.update(part)
         else:
-            chunk_counts = _count_chunks((texts, pattern))
+            for batch in batches:
+                chunk_counts.update(_count_chunks(batch))
         words = [list(chunk) for chunk in chunk_counts]
         counts = list(chunk_counts.values())
 

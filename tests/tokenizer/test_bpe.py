@@ -217,3 +217,22 @@ def test_exported_tokenizer_json_matches_hf_tokenizers(tok: Tokenizer, tmp_path:
         assert hf.encode(text).ids == tok.encode(text, allowed_special="all")
 
     check()
+
+
+def test_training_streams_texts_in_batches_and_learns_the_same_merges(monkeypatch) -> None:
+    from scratchllm.tokenizer import bpe
+
+    texts = [f"line {i}: the quick brown fox 跳过了懒狗 {i * 7}\n" for i in range(400)]
+    reference = Tokenizer.train(texts, vocab_size=256 + 60 + 4, progress=False)
+    monkeypatch.setattr(bpe, "COUNT_BATCH_CHARS", 500)  # many batches of a few dozen lines
+    consumed: list[int] = []
+
+    def lazily():  # a one-shot generator: training must not need the whole corpus as a list
+        for i, text in enumerate(texts):
+            consumed.append(i)
+            yield text
+
+    for workers in (1, 2):
+        consumed.clear()
+        tok = Tokenizer.train(lazily(), vocab_size=256 + 60 + 4, progress=False, num_workers=workers)
+        assert tok.merges == reference.merges and consumed == list(range(len(texts)))
