@@ -110,3 +110,24 @@ def test_32_concurrent_streams_equal_their_solo_runs(world) -> None:
 def test_chat_page_served(world) -> None:
     page = httpx.get(world[0] + "/")
     assert page.status_code == 200 and "/v1/chat/completions" in page.text
+
+
+def test_full_queue_answers_503_with_a_reason_while_good_and_bad_requests_keep_flowing(world) -> None:
+    tok = Tokenizer.train(["hello world, the answer is 42.\n" * 30], 256 + 40 + 4, progress=False)
+    torch.manual_seed(0)
+    model = GPT(model_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=128)).eval()
+    base = _serve(create_app(model, tok, "tiny", max_batch=1, max_queue=1))  # one decoding, one waiting
+    good = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 100}
+    bad = {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}
+
+    def send(i: int) -> httpx.Response:
+        return httpx.post(f"{base}/v1/chat/completions", json=bad if i % 4 == 3 else good, timeout=120)
+
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(send, range(12)))
+    codes = [r.status_code for r in responses]
+    assert all(codes[i] == 400 for i in range(3, 12, 4))  # bad requests are refused whatever the load
+    good_codes = [c for i, c in enumerate(codes) if i % 4 != 3]
+    assert 503 in good_codes and 200 in good_codes and set(good_codes) <= {200, 503}, codes
+    assert all("queue is full" in r.json()["error"]["message"] for r in responses if r.status_code == 503)
+    assert httpx.post(f"{base}/v1/chat/completions", json=good, timeout=120).status_code == 200  # still serving
