@@ -11,7 +11,12 @@ from pathlib import Path
 
 import torch
 
-from scratchllm.infer.generate_cli import add_quantize_arg, add_sampling_args, load_for_inference, stream_text
+from scratchllm.infer.generate_cli import (
+    add_inference_args,
+    add_sampling_args,
+    load_for_inference,
+    stream_text,
+)
 from scratchllm.tokenizer.chat import render_for_completion
 
 
@@ -19,9 +24,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="scratchllm chat", description=__doc__)
     parser.add_argument("--checkpoint", type=Path, required=True, help="a model directory, e.g. runs/default/grpo/final")
     add_sampling_args(parser)
-    add_quantize_arg(parser)
+    add_inference_args(parser)
     args = parser.parse_args(argv)
-    model, tok = load_for_inference(args.checkpoint, args.device, args.quantize)
+    model, tok = load_for_inference(args.checkpoint, args.device, args.quantize, args.lora)
     print(f"scratchllm chat — {args.checkpoint}  (/reset, /system TEXT, /quit; Ctrl-C stops a reply)")
     system: str | None = None
     history: list[dict[str, str]] = []

@@ -60,21 +60,30 @@ def stream_text(model, tok, prompt_ids: list[int], args: argparse.Namespace, out
     return text + tail
 
 
-def add_quantize_arg(parser: argparse.ArgumentParser) -> None:
+def add_inference_args(parser: argparse.ArgumentParser) -> None:
+    """--quantize and --lora, shared by generate, chat and serve."""
     parser.add_argument("--quantize", choices=["int8"], default=None,
                         help="int8: per-channel int8 weights (about 4x smaller; see docs/benchmarks.md)")
+    parser.add_argument("--lora", type=Path, default=None,
+                        help="a LoRA adapter directory (adapter.safetensors + adapter_config.json) to apply to --checkpoint")
 
 
-def load_for_inference(checkpoint: Path, device: str, quantize: str | None = None):
-    """Model directory -> (model in eval mode, tokenizer); --quantize int8 merges any LoRA adapters, then quantizes."""
+def load_for_inference(checkpoint: Path, device: str, quantize: str | None = None, lora: Path | None = None):
+    """Model directory -> (model in eval mode, tokenizer). --lora injects a saved adapter into the base model and
+    merges it (same outputs, no extra matmuls per token); --quantize int8 then quantizes the merged weights."""
+    from scratchllm.model.lora import load_adapter, merge_lora
     from scratchllm.train.checkpoint import load_model
 
     model, tok, _ = load_model(checkpoint, device)
+    if lora is not None:
+        load_adapter(lora, model)
+        merge_lora(model)
+        model.to(device)
     if quantize == "int8":
         from scratchllm.infer.quantize import quantize_int8
 
         quantize_int8(model)
-    return model, tok
+    return model.eval(), tok
 
 
 def main(argv: list[str]) -> int:
@@ -85,9 +94,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--best-of", type=int, default=1, help="sample N chat replies, print the reward model's favourite")
     parser.add_argument("--reward-model", type=Path, default=None, help="reward model directory for --best-of")
     add_sampling_args(parser)
-    add_quantize_arg(parser)
+    add_inference_args(parser)
     args = parser.parse_args(argv)
-    model, tok = load_for_inference(args.checkpoint, args.device, args.quantize)
+    model, tok = load_for_inference(args.checkpoint, args.device, args.quantize, args.lora)
     if args.best_of > 1:
         if args.reward_model is None:
             parser.error("--best-of needs --reward-model DIR (e.g. runs/default/reward/final)")

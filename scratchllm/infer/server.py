@@ -299,7 +299,7 @@ def create_app(model: GPT, tok: Tokenizer, model_name: str = "scratchllm", api_k
 
 
 def main(argv: list[str]) -> int:
-    from scratchllm.infer.generate_cli import add_quantize_arg, load_for_inference
+    from scratchllm.infer.generate_cli import add_inference_args, load_for_inference
 
     parser = argparse.ArgumentParser(prog="scratchllm serve", description=__doc__)
     parser.add_argument("--checkpoint", type=Path, required=True)
@@ -310,11 +310,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together per wave")
     parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
     parser.add_argument("--device", default="cpu")
-    add_quantize_arg(parser)
+    add_inference_args(parser)
     args = parser.parse_args(argv)
     import uvicorn
 
-    model, tok = load_for_inference(args.checkpoint, args.device, args.quantize)
+    model, tok = load_for_inference(args.checkpoint, args.device, args.quantize, args.lora)
     app = create_app(model, tok, args.model_name, args.api_key, args.max_batch, args.max_queue)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

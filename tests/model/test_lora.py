@@ -148,3 +148,28 @@ def test_adapter_round_trip(tmp_path) -> None:
         assert torch.allclose(fresh(ids), expected, atol=1e-6)
     with pytest.raises(ValueError, match="does not fit"):
         load_adapter(tmp_path / "adapter", Block())  # no layers.* names there
+
+
+def test_inference_loads_an_adapter_on_a_base_checkpoint(tmp_path, capsys) -> None:
+    from scratchllm.infer import generate_cli
+    from scratchllm.tokenizer.bpe import Tokenizer
+    from scratchllm.train.checkpoint import save_model
+
+    tok = Tokenizer.train(["hello world, hello there " * 50], vocab_size=256 + 20 + 4, progress=False)
+    torch.manual_seed(0)
+    base = GPT(model_preset("tiny", vocab_size=tok.vocab_size)).eval()
+    save_model(tmp_path / "base", base, tok, {})
+    cfg = LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules="q_proj,v_proj")
+    inject_lora(base, cfg)
+    _randomise_b(base)  # an adapter that changes the outputs
+    save_adapter(tmp_path / "adapter", base, cfg)
+    ids = torch.tensor([tok.encode("hello world")])
+    loaded, _ = generate_cli.load_for_inference(tmp_path / "base", "cpu", lora=tmp_path / "adapter")
+    plain, _ = generate_cli.load_for_inference(tmp_path / "base", "cpu")
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids), base(ids), atol=1e-5)  # base + adapter, merged
+        assert not torch.allclose(plain(ids), base(ids), atol=1e-3)
+    assert not has_lora(loaded)  # merged for inference: no extra matmuls per token
+    args = ["--checkpoint", str(tmp_path / "base"), "--lora", str(tmp_path / "adapter"), "--prompt", "hello",
+            "--max-new-tokens", "4", "--temperature", "0"]
+    assert generate_cli.main(args) == 0 and capsys.readouterr().out.startswith("hello")
