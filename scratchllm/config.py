@@ -143,6 +143,9 @@ class LoopConfig:
     # Under torchrun: ddp keeps a full model per process; fsdp (FSDP2) shards parameters, gradients and Adam
     # state across processes, for models too big for one device (pretrain, sft, dpo and distill support it).
     parallel: str = "ddp"
+    # Processes per tensor-parallel group (1 = off): each block's matrices are split across them (Megatron
+    # layout, train/tensor_parallel.py); the rest of the world size becomes data-parallel replicas (FSDP2).
+    tensor_parallel: int = 1
     max_time_s: float = 0.0  # stop after this many seconds of training (0 = no limit)
 
     def __post_init__(self) -> None:
@@ -155,6 +158,8 @@ class LoopConfig:
             raise ConfigError(f"--loop.dtype must be auto|float32|bfloat16, got {self.dtype!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"--loop.parallel must be ddp|fsdp, got {self.parallel!r}")
+        if self.tensor_parallel < 1:
+            raise ConfigError(f"--loop.tensor_parallel must be >= 1 (1 = off), got {self.tensor_parallel}")
 
 
 @dataclass

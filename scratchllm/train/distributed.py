@@ -2,8 +2,12 @@
 
 Launch: `torchrun --nproc_per_node N -m scratchllm pretrain ...` (`--loop.parallel=fsdp` for FSDP2). Single-process
 runs never touch torch.distributed. Data is split by global batch index (see data/batches.py), so N processes with
-accumulation A see exactly the batches one process sees with accumulation N·A. Under FSDP2, checkpoints gather the
-full state to rank 0 first (`full_state`), so they are the same files DDP writes.
+accumulation A see exactly the batches one process sees with accumulation N·A. Under FSDP2 and tensor parallelism,
+checkpoints gather the full state to rank 0 first (`full_state`), so they are the same files DDP writes.
+
+Tensor parallelism (`--loop.tensor_parallel=N`, train/tensor_parallel.py) puts the processes on a 2-D device mesh
+(data-parallel × tensor-parallel): the N processes of a tensor-parallel group share one batch, so `rank` and
+`world_size` below count data-parallel replicas, not processes.
 """
 
 from __future__ import annotations
@@ -17,21 +21,29 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from scratchllm.config import ConfigError, LoopConfig
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+_tensor_parallel = 1  # processes per tensor-parallel group; set by `wrap`
+
+
 def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
+    """Which share of the data this process takes: its data-parallel rank (the process rank without TP)."""
+    return dist.get_rank() // _tensor_parallel if is_distributed() else 0
 
 
 def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
+    """How many shares the data is split into: the number of data-parallel replicas (processes without TP)."""
+    return dist.get_world_size() // _tensor_parallel if is_distributed() else 1
 
 
 def is_main() -> bool:
-    return rank() == 0
+    """Process 0, the one that logs and writes files."""
+    return not is_distributed() or dist.get_rank() == 0
 
 
 def init_from_env(device_type: str) -> bool:
@@ -45,16 +57,50 @@ def init_from_env(device_type: str) -> bool:
     return True
 
 
-def wrap(model: nn.Module, device: torch.device, parallel: str = "ddp") -> nn.Module:
-    """DDP, or FSDP2 (`parallel="fsdp"`, which replaces the parameters by shards in place); as is in one process."""
+def check_layout(loop: LoopConfig, stage: Any) -> None:
+    """Refuse parallel layouts the stage or the world size cannot run, naming the flag to change."""
+    if (loop.parallel == "fsdp" or loop.tensor_parallel > 1) and not getattr(stage, "supports_fsdp", False):
+        flag = "--loop.parallel=fsdp" if loop.parallel == "fsdp" else f"--loop.tensor_parallel={loop.tensor_parallel}"
+        raise ConfigError(f"{flag}: the {stage.name} stage does not support FSDP2 or tensor parallelism (it calls "
+                          "parts of its model directly, or samples differently on each process); use --loop.parallel=ddp")
+    if loop.tensor_parallel > 1 and is_distributed():
+        n = dist.get_world_size()
+        if n % loop.tensor_parallel:
+            raise ConfigError(f"--loop.tensor_parallel={loop.tensor_parallel} must divide the {n} processes")
+        if n > loop.tensor_parallel and loop.parallel != "fsdp":  # DDP over DTensor parameters is not supported
+            raise ConfigError(f"{n} processes in groups of --loop.tensor_parallel={loop.tensor_parallel} make "
+                              f"{n // loop.tensor_parallel} data-parallel replicas: add --loop.parallel=fsdp (FSDP2 "
+                              "composes with tensor parallelism on a 2-D mesh; DDP does not)")
+
+
+def wrap(model: nn.Module, device: torch.device, parallel: str = "ddp", tensor_parallel: int = 1) -> nn.Module:
+    """DDP, or FSDP2 (`parallel="fsdp"`, which replaces the parameters by shards in place), optionally over
+    tensor-parallel groups of `tensor_parallel` processes; as is in one process."""
+    global _tensor_parallel
     if not is_distributed():
         return model
+    mesh, _tensor_parallel = None, 1
+    if tensor_parallel > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from scratchllm.train.tensor_parallel import apply_tensor_parallel
+
+        # rows = data-parallel replicas, columns = tensor-parallel groups: TP's per-block all-reduces stay among
+        # neighbouring ranks, which torchrun places on the same node (the fast links)
+        mesh = init_device_mesh(device.type, (dist.get_world_size() // tensor_parallel, tensor_parallel),
+                                mesh_dim_names=("dp", "tp"))
+        apply_tensor_parallel(model, mesh["tp"])
+        _tensor_parallel = tensor_parallel
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard  # FSDP2: shards parameters per block, then the root
 
+        dp_mesh = mesh["dp"] if mesh is not None else None  # FSDP2 shards along the data-parallel dimension only
         for block in getattr(model, "layers", []):
-            fully_shard(block)
-        return fully_shard(model)
+            fully_shard(block, mesh=dp_mesh)
+        return fully_shard(model, mesh=dp_mesh)
+    if mesh is not None:
+        assert mesh["dp"].size() == 1, "TP with several data-parallel replicas needs FSDP2 (checked by the loop)"
+        return model
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -108,4 +154,30 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
         return value
     tensor = torch.tensor([value], device=device, dtype=torch.float64)
     dist.all_reduce(tensor)
-    return float(tensor.item()) / world_size()
+    return float(tensor.item()) / dist.get_world_size()
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """`torch.nn.utils.clip_grad_norm_` for parameters that mix plain tensors and DTensors of different meshes or
+    placements (tensor parallelism: sharded projections beside replicated norms), which PyTorch's own refuses.
+
+    PyTorch takes the norm of each group of alike gradients (a DTensor's comes back partial and `full_tensor`
+    completes it across its mesh); the groups' norms combine as √Σ‖g‖², and every gradient is scaled by one factor."""
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            mesh = getattr(p.grad, "device_mesh", None)
+            groups.setdefault(None if mesh is None else (mesh, tuple(p.grad.placements)), []).append(p)
+    if len(groups) <= 1:  # one kind of tensor (every run without TP): PyTorch's own does it all
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    norms = []
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group])
+        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    total = float(torch.stack([n.float().cpu() for n in norms]).norm())
+    scale = max_norm / (total + 1e-6)  # the same epsilon as PyTorch's clip_grad_norm_
+    if scale < 1.0:
+        for group in groups.values():
+            for p in group:
+                p.grad.mul_(scale)
+    return total

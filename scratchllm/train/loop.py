@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from scratchllm.config import ConfigError, LoopConfig, OptimConfig
+from scratchllm.config import LoopConfig, OptimConfig
 from scratchllm.model.moe import moe_aux_loss
 from scratchllm.train import distributed as dist
 from scratchllm.train.checkpoint import (
@@ -113,15 +113,14 @@ def train(
     device = resolve_device(loop.device)
     dist.init_from_env(device.type)
     torch.manual_seed(loop.seed)
-    if loop.parallel == "fsdp" and not getattr(stage, "supports_fsdp", False):
-        raise ConfigError(f"--loop.parallel=fsdp: the {stage.name} stage does not support FSDP2 (it calls parts of its "
-                          "model directly, or samples differently on each process); use --loop.parallel=ddp")
-    fsdp = loop.parallel == "fsdp" and dist.is_distributed()
-    # FSDP2 shards the parameters in place, so rank 0 keeps an unsharded copy to write checkpoints and final/ from
+    dist.check_layout(loop, stage)
+    fsdp = (loop.parallel == "fsdp" or loop.tensor_parallel > 1) and dist.is_distributed()  # parameters sharded
+    # FSDP2 and TP shard the parameters in place, so rank 0 keeps an unsharded copy to write checkpoints and final/ from
     unsharded = copy.deepcopy(model).cpu() if fsdp and dist.is_main() else None
     model.to(device)
     moe_aux_loss(model)  # drop aux losses of forwards made before training: their graphs may already be freed
-    engine = eager = dist.wrap(model, device, loop.parallel)  # before the optimizer: FSDP2 swaps the parameters
+    # before the optimizer: FSDP2 and TP swap the parameters
+    engine = eager = dist.wrap(model, device, loop.parallel, loop.tensor_parallel)
     named = list(stage.trainable_parameters(model)) if hasattr(stage, "trainable_parameters") else [
         (n, p) for n, p in model.named_parameters() if p.requires_grad
     ]
@@ -226,7 +225,7 @@ def train(
                     stats_sum[key] = stats_sum.get(key, 0.0) + value / loop.grad_accum_steps
                 step_tokens += stage.tokens_in(batch) if hasattr(stage, "tokens_in") else 0
             clip = optim.grad_clip if optim.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            grad_norm = dist.clip_grad_norm(params, clip)
             if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)  # the bad step never reaches the weights
                 skipped += 1
