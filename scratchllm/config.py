@@ -146,6 +146,9 @@ class LoopConfig:
     # Processes per tensor-parallel group (1 = off): each block's matrices are split across them (Megatron
     # layout, train/tensor_parallel.py); the rest of the world size becomes data-parallel replicas (FSDP2).
     tensor_parallel: int = 1
+    # Write checkpoints as per-process shards through torch.distributed.checkpoint, loadable by any number of
+    # processes; off = one safetensors file gathered on rank 0 (every process's memory must hold the full model).
+    sharded_checkpoint: bool = False
     max_time_s: float = 0.0  # stop after this many seconds of training (0 = no limit)
 
     def __post_init__(self) -> None:

@@ -70,10 +70,17 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def write_model_files(directory: Path, model: GPT, tokenizer: Tokenizer | None, sections: dict[str, Any]) -> None:
     save_file(model_tensors(model), str(directory / "model.safetensors"))
-    meta = {"format_version": CHECKPOINT_VERSION, **sections, "model": _model_config_dict(model)}
-    (directory / "config.json").write_text(json.dumps(meta, indent=2, default=str))
+    _write_config(directory, model, sections)
     if tokenizer is not None:
         tokenizer.save(directory / "tokenizer.json")
+
+
+def _write_config(directory: Path, model: nn.Module, sections: dict[str, Any]) -> None:
+    """config.json: the resolved sections, with the GPT's own config when the model is one."""
+    meta = {"format_version": CHECKPOINT_VERSION, **sections}
+    if isinstance(model, GPT):
+        meta["model"] = _model_config_dict(model)
+    (directory / "config.json").write_text(json.dumps(meta, indent=2, default=str))
 
 
 def _model_config_dict(model: GPT) -> dict[str, Any]:
@@ -189,12 +196,19 @@ def save_training_checkpoint(
         write_model_files(tmp, inner, tokenizer, config_sections)
     else:  # wrapped models (reward/value heads) save their full state dict
         save_file(model_tensors(inner), str(tmp / "model.safetensors"))
-        (tmp / "config.json").write_text(json.dumps({"format_version": CHECKPOINT_VERSION, **config_sections}, default=str))
+        _write_config(tmp, inner, config_sections)
     opt_tensors, opt_meta = _optimizer_to_files(optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    return _commit_checkpoint(tmp, final, {"step": step, "optimizer": opt_meta, **loop_state}, rng, keep)
+
+
+def _commit_checkpoint(tmp: Path, final: Path, state: dict[str, Any], rng: tuple[dict[str, torch.Tensor], dict[str, Any]] | None,
+                       keep: int) -> Path:
+    """Add the RNG and state.json to a filled `tmp`, rename it to `final`, point `latest` at it, prune old ones."""
+    checkpoints_dir = final.parent
     rng_tensors, rng_meta = rng or rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    state = {"version": CHECKPOINT_VERSION, "step": step, "optimizer": opt_meta, "rng": rng_meta, **loop_state}
+    state = {"version": CHECKPOINT_VERSION, **state, "rng": rng_meta}
     (tmp / "state.json").write_text(json.dumps(state, default=str))
     _commit_dir(tmp, final)
     pointer_tmp = checkpoints_dir / "latest.tmp"
@@ -232,4 +246,100 @@ def load_training_checkpoint(path: Path, model: nn.Module, optimizer: torch.opti
     if unexpected or set(missing) - tied_names(inner):
         raise CheckpointError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
     optimizer.load_state_dict(optimizer_state)
+    return state
+
+
+# ---- sharded checkpoints: torch.distributed.checkpoint (DCP) ----------------------------------------
+SHARDS_DIR = "shards"  # in a sharded step_XXXXXX/: one safetensors file per saving process
+
+
+def _flat_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(flat tensors for DCP, model state dict, optimizer state dict), keyed by parameter name, each process
+    holding its own shards (FSDP2/TP DTensors) or whole tensors. The flat dict holds the very tensors of the
+    two state dicts, so DCP loading into it fills them in place. Tied weights are kept once, as safetensors requires."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)  # creates Adam's moments if no step was taken yet
+    for name in _shared_names(model):
+        model_state.pop(name, None)
+    flat = {f"model/{name}": tensor for name, tensor in model_state.items()}
+    for name, param_state in optim_state["state"].items():
+        flat.update({f"optim/{name}/{key}": value for key, value in param_state.items() if torch.is_tensor(value)})
+    return flat, model_state, optim_state
+
+
+def _shared_names(model: nn.Module) -> set[str]:
+    """Names of parameters that are the same object as an earlier one (tied lm_head): saved once."""
+    seen: set[int] = set()
+    shared = set()
+    for name, param in unwrap(model).named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            shared.add(name)
+        seen.add(id(param))
+    return shared
+
+
+def save_sharded_checkpoint(
+    checkpoints_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loop_state: dict[str, Any],
+    tokenizer: Tokenizer | None,
+    config_sections: dict[str, Any],
+    keep: int = 2,
+    rng: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
+) -> Path:
+    """`step_XXXXXX/` through DCP: every process writes only its own shards, which any number of processes can load
+    (`load_sharded_checkpoint`). Collective: every rank calls it. Same atomic rename and `latest` as the default.
+
+    Storage is DCP's safetensors writer, whose reader rebuilds the shard layout from the files' JSON headers:
+    DCP's default format keeps that layout in a pickle (`.metadata`), and a checkpoint must never be unpickled."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
+
+    from scratchllm.train import distributed as dist
+
+    final = checkpoints_dir / f"step_{step:06d}"
+    tmp = _atomic_dir(final) if dist.is_main() else final.with_name(final.name + ".tmp")
+    dist.barrier()  # the directory exists before anyone writes into it
+    flat, _, optim_state = _flat_state(model, optimizer)
+    dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDS_DIR), save_distributed=True))
+    if dist.is_main():
+        _write_config(tmp, unwrap(model), config_sections)
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer.json")
+        state = {"step": step, "sharded": True, "optimizer": {"param_groups": optim_state["param_groups"]}, **loop_state}
+        _commit_checkpoint(tmp, final, state, rng, keep)
+    dist.barrier()  # nobody reads `latest` or writes the next checkpoint before the rename
+    return final
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return (path / SHARDS_DIR).is_dir()
+
+
+def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore a `save_sharded_checkpoint` into `model` and `optimizer` as they are sharded now (on any number of
+    processes: DCP reads the pieces each one needs); restore the RNG; return the loop state. Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    state = json.loads((path / "state.json").read_text())
+    if state.get("version") != CHECKPOINT_VERSION or not state.get("sharded"):
+        raise CheckpointError(f"{path}: not a sharded checkpoint of version {CHECKPOINT_VERSION} (state.json: "
+                              f"version {state.get('version')}, sharded {state.get('sharded')})")
+    flat, model_state, optim_state = _flat_state(model, optimizer)
+    try:  # safetensors files only: no code is ever executed
+        dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(path / SHARDS_DIR)))
+    except (Exception, CheckpointException) as err:  # DCP's own error derives from BaseException
+        raise CheckpointError(f"{path}: the sharded weights do not match this model ({type(err).__name__}: "
+                              f"{str(err).strip()[:300]})") from err
+    optim_state = {"state": optim_state["state"], "param_groups": state["optimizer"]["param_groups"]}
+    # strict=False: the tied lm_head.weight is restored through the embedding it shares
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                   options=StateDictOptions(strict=False))
+    set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
     return state

@@ -149,6 +149,27 @@ def no_sync_unless(model: nn.Module, sync: bool) -> Iterator[None]:
             yield
 
 
+def rescale_position(stage_state: dict[str, Any], saved_world_size: int) -> dict[str, Any]:
+    """A stage's data `position` written by `saved_world_size` data-parallel replicas, for this run's count.
+
+    By the convention of data/batches.py, `position` counts each replica's draws from one stream split by
+    global index, so p draws by each of N replicas consumed global batches 0 … p·N - 1; M replicas continue at
+    p·N / M each. When M does not divide p·N, the few batches of the unfinished round are skipped, not repeated."""
+    if "position" not in stage_state or saved_world_size == world_size():
+        return stage_state
+    consumed = stage_state["position"] * saved_world_size
+    position = -(-consumed // world_size())
+    if position * world_size() != consumed:
+        print(f"[resume] {saved_world_size} -> {world_size()} data-parallel replicas: skipping "
+              f"{position * world_size() - consumed} batches to keep the stream aligned")
+    return {**stage_state, "position": position}
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
 def all_reduce_mean(value: float, device: torch.device) -> float:
     if not is_distributed():
         return value

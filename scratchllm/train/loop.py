@@ -25,10 +25,13 @@ from scratchllm.config import LoopConfig, OptimConfig
 from scratchllm.model.moe import moe_aux_loss
 from scratchllm.train import distributed as dist
 from scratchllm.train.checkpoint import (
+    is_sharded_checkpoint,
     latest_checkpoint,
+    load_sharded_checkpoint,
     load_training_checkpoint,
     read_training_checkpoint,
     rng_state,
+    save_sharded_checkpoint,
     save_training_checkpoint,
     unwrap,
 )
@@ -131,14 +134,16 @@ def train(
     log = MetricsLog(run_dir)
     step, skipped, train_seconds = 0, 0, 0.0
     if resume and (ckpt := latest_checkpoint(checkpoints)) is not None:
-        if fsdp:
+        if is_sharded_checkpoint(ckpt):  # written by any number of processes; read as this run is sharded
+            state = load_sharded_checkpoint(ckpt, model, optimizer)
+        elif fsdp:
             weights, optimizer_state, state = read_training_checkpoint(ckpt)
             dist.load_full_state(model, optimizer, weights, optimizer_state)
         else:
             state = load_training_checkpoint(ckpt, model, optimizer)
         step, skipped, train_seconds = state["step"], state.get("skipped", 0), state.get("train_seconds", 0.0)
-        if hasattr(stage, "load_state_dict") and "stage" in state:
-            stage.load_state_dict(state["stage"])
+        if hasattr(stage, "load_state_dict") and "stage" in state:  # from any number of processes
+            stage.load_state_dict(dist.rescale_position(state["stage"], state.get("data_world_size", dist.world_size())))
         print(f"[{stage.name}] resumed from {ckpt} at step {step}")
     compile_errors: tuple[type[Exception], ...] = ()  # answered by eager mode until a compiled micro-step succeeds
     if loop.compile:
@@ -158,18 +163,23 @@ def train(
     def snapshot() -> tuple[dict[str, Any] | None, Any]:
         return (stage.state_dict() if hasattr(stage, "state_dict") else None), rng_state()
 
-    def checkpoint() -> None:
+    def checkpoint(final: bool = False) -> None:
+        stage_state, rng = step_start or snapshot()
+        loop_state = {"skipped": skipped, "train_seconds": train_seconds, "data_world_size": dist.world_size()}
+        if stage_state is not None:
+            loop_state["stage"] = stage_state
+        if loop.sharded_checkpoint:  # every rank writes its own shards; final/ below still needs the gather
+            save_sharded_checkpoint(checkpoints, step, model, optimizer, loop_state, tokenizer, sections,
+                                    loop.keep_checkpoints, rng=rng)
+            if not (fsdp and final):
+                return
         saved, optimizer_state = model, optimizer
         if fsdp:  # every rank joins the gather; rank 0 loads the full weights into its unsharded copy
             weights, optimizer_state = dist.full_state(model, optimizer)
             if unsharded is not None:
                 unsharded.load_state_dict(weights)
             saved = unsharded
-        if dist.is_main():
-            stage_state, rng = step_start or snapshot()
-            loop_state = {"skipped": skipped, "train_seconds": train_seconds}
-            if stage_state is not None:
-                loop_state["stage"] = stage_state
+        if dist.is_main() and not loop.sharded_checkpoint:
             save_training_checkpoint(checkpoints, step, saved, optimizer_state, loop_state, tokenizer, sections,
                                      loop.keep_checkpoints, rng=rng)
 
@@ -265,7 +275,7 @@ def train(
     finally:
         bar.close()
     metrics = evaluate()
-    checkpoint()
+    checkpoint(final=True)
     if dist.is_main():
         final_dir = run_dir / "final"
         final = unsharded if fsdp else unwrap(engine)  # under FSDP, checkpoint() has just loaded the last weights
