@@ -3,14 +3,18 @@
 A Llama-family decoder (RMSNorm, RoPE, SwiGLU, GQA) whose parameter names match Hugging Face's
 `LlamaForCausalLM` minus its `model.` prefix; a test holds our logits equal to theirs on shared weights.
 Initialisation follows GPT-2 (Radford et al. 2019): N(0, 0.02), residual projections scaled by 1/√(2·L).
+Activation checkpointing (Chen et al. 2016, arXiv:1604.06174) recomputes each block in the backward pass.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from scratchllm.config import ModelConfig
 from scratchllm.model.kv_cache import KVCache
@@ -18,6 +22,10 @@ from scratchllm.model.layers import Block, RMSNorm, RotaryEmbedding
 
 
 class GPT(nn.Module):
+    # True: training forwards keep only each block's input and recompute the block during backward
+    # (--loop.activation_checkpointing, set by the training loop); not part of the config or the checkpoint.
+    activation_checkpointing: bool = False
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -81,8 +89,13 @@ class GPT(nn.Module):
         cos, sin = self.rotary(positions)
         mask = self._attention_mask(T, past, attention_mask, ids.device)
         x = self.embed_dropout(self.embed_tokens(ids))
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         for block in self.layers:
-            x = block(x, cos, sin, mask, kv_cache)
+            if recompute:  # non-reentrant: works with FSDP2 and keyword-free calls, restores the dropout RNG
+                x = checkpoint(block, x, cos, sin, mask, None, use_reentrant=False,
+                               context_fn=functools.partial(_recompute_forgets_moe_records, block))
+            else:
+                x = block(x, cos, sin, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.norm(x)
@@ -108,3 +121,22 @@ class GPT(nn.Module):
     def set_attention_impl(self, use_sdpa: bool) -> None:
         for block in self.layers:
             block.self_attn.use_sdpa = use_sdpa
+
+
+def _recompute_forgets_moe_records(block: nn.Module) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """Contexts (first forward, recomputation) for `checkpoint`.
+
+    subtle: an MoE layer records its router's aux loss on every training forward (model/moe.py `_record`), and the
+    recomputation during backward can be one too: by default `checkpoint` stops recomputing once the saved tensors
+    are back, before the record, but without that early stop the record would leak into the next step's aux loss."""
+
+    @contextlib.contextmanager
+    def recomputing():
+        records = [(m, len(m._pending)) for m in block.modules() if hasattr(m, "_pending")]
+        try:
+            yield
+        finally:
+            for module, n in records:
+                del module._pending[n:]
+
+    return contextlib.nullcontext(), recomputing()

@@ -75,15 +75,15 @@ def write_model_files(directory: Path, model: GPT, tokenizer: Tokenizer | None, 
         tokenizer.save(directory / "tokenizer.json")
 
 
-def _write_config(directory: Path, model: nn.Module, sections: dict[str, Any]) -> None:
-    """config.json: the resolved sections, with the GPT's own config when the model is one."""
+def _write_config(directory: Path, model: nn.Module | None, sections: dict[str, Any]) -> None:
+    """config.json: the resolved sections, and the model's own config when a model is given."""
     meta = {"format_version": CHECKPOINT_VERSION, **sections}
-    if isinstance(model, GPT):
+    if model is not None:
         meta["model"] = _model_config_dict(model)
     (directory / "config.json").write_text(json.dumps(meta, indent=2, default=str))
 
 
-def _model_config_dict(model: GPT) -> dict[str, Any]:
+def _model_config_dict(model: nn.Module) -> dict[str, Any]:
     from dataclasses import asdict
 
     return asdict(model.config)
@@ -196,7 +196,7 @@ def save_training_checkpoint(
         write_model_files(tmp, inner, tokenizer, config_sections)
     else:  # wrapped models (reward/value heads) save their full state dict
         save_file(model_tensors(inner), str(tmp / "model.safetensors"))
-        _write_config(tmp, inner, config_sections)
+        _write_config(tmp, None, config_sections)
     opt_tensors, opt_meta = _optimizer_to_files(optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     return _commit_checkpoint(tmp, final, {"step": step, "optimizer": opt_meta, **loop_state}, rng, keep)
@@ -306,7 +306,7 @@ def save_sharded_checkpoint(
     flat, _, optim_state = _flat_state(model, optimizer)
     dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDS_DIR), save_distributed=True))
     if dist.is_main():
-        _write_config(tmp, unwrap(model), config_sections)
+        _write_config(tmp, unwrap(model) if isinstance(unwrap(model), GPT) else None, config_sections)
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer.json")
         state = {"step": step, "sharded": True, "optimizer": {"param_groups": optim_state["param_groups"]}, **loop_state}

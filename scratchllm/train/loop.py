@@ -121,6 +121,9 @@ def train(
     # FSDP2 and TP shard the parameters in place, so rank 0 keeps an unsharded copy to write checkpoints and final/ from
     unsharded = copy.deepcopy(model).cpu() if fsdp and dist.is_main() else None
     model.to(device)
+    for module in model.modules():  # the GPT inside any head or wrapper
+        if hasattr(module, "activation_checkpointing"):
+            module.activation_checkpointing = loop.activation_checkpointing
     moe_aux_loss(model)  # drop aux losses of forwards made before training: their graphs may already be freed
     # before the optimizer: FSDP2 and TP swap the parameters
     engine = eager = dist.wrap(model, device, loop.parallel, loop.tensor_parallel)
