@@ -72,6 +72,21 @@ def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def _rows(batch: dict[str, Any]) -> int:
+    return next(v.shape[0] for v in batch.values() if torch.is_tensor(v) and v.dim() > 0)
+
+
+def _split(batch: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """`batch` as n micro-batches of its rows (tensors whose first dimension is the batch; anything else is shared).
+
+    Equal chunks of a per-row mean loss average to the whole batch's loss, as accumulation does."""
+    if n == 1:
+        return [batch]
+    rows = _rows(batch)
+    parts = {k: v.tensor_split(n) for k, v in batch.items() if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows}
+    return [{k: parts[k][i] if k in parts else v for k, v in batch.items()} for i in range(n)]
+
+
 class MetricsLog:
     """metrics.jsonl + TensorBoard, written by rank 0 only."""
 
@@ -186,12 +201,43 @@ def train(
             save_training_checkpoint(checkpoints, step, saved, optimizer_state, loop_state, tokenizer, sections,
                                      loop.keep_checkpoints, rng=rng)
 
-    def forward_backward(batch: dict[str, Any], sync: bool) -> tuple[float, dict[str, float]]:
+    def forward_backward(batch: dict[str, Any], sync: bool, n_micro: int) -> tuple[float, dict[str, float]]:
         with dist.no_sync_unless(engine, sync), autocast_for(device, loop.dtype):
             loss, stats = stage.loss(engine, batch)
             aux, aux_stats = moe_aux_loss(engine)  # MoE balance + z-loss reach every stage; 0 if dense
-        ((loss + aux) / loop.grad_accum_steps).backward()
+        ((loss + aux) / n_micro).backward()
         return loss.item(), {**stats, **aux_stats}
+
+    splits = 1  # each drawn batch runs as this many micro-batches; doubles on CUDA out-of-memory
+
+    def accumulate(drawn: list[dict[str, Any]]) -> tuple[float, dict[str, float], int]:
+        """Forward + backward over the step's batches, each split in `splits`; (mean loss, mean stats, tokens).
+
+        Batches are drawn when first needed (PPO/GRPO sample rollouts then) and kept in `drawn` for a retry."""
+        nonlocal engine, compile_errors
+        n = loop.grad_accum_steps * splits
+        loss_sum, stats_sum, step_tokens = 0.0, {}, 0
+        for i in range(n):
+            if i // splits == len(drawn):
+                drawn.append(next(train_iter))
+            batch, sync = _to(_split(drawn[i // splits], splits)[i % splits], device), i == n - 1
+            try:
+                loss, stats = forward_backward(batch, sync, n)
+            except compile_errors as err:  # torch.compile compiles lazily: its errors surface at the first call
+                cause = getattr(err, "inner_exception", None) or err  # BackendCompilerFailed wraps the real one
+                reason = (str(cause).strip().splitlines() or [""])[0][:200]
+                print(f"[{stage.name}] torch.compile failed at the first step ({type(cause).__name__}: {reason}); "
+                      "continuing in eager mode")
+                engine = eager
+                optimizer.zero_grad(set_to_none=True)  # anything the failed call accumulated
+                moe_aux_loss(eager)
+                loss, stats = forward_backward(batch, sync, n)
+            compile_errors = ()  # it compiled: any later error is a real one
+            loss_sum += loss / n
+            for key, value in stats.items():
+                stats_sum[key] = stats_sum.get(key, 0.0) + value / n
+            step_tokens += stage.tokens_in(batch) if hasattr(stage, "tokens_in") else 0
+        return loss_sum, stats_sum, step_tokens
 
     def evaluate() -> dict[str, float]:
         unwrap(engine).eval()
@@ -217,26 +263,24 @@ def train(
             lr = lr_at(progress, step, optim)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum, stats_sum, step_tokens = 0.0, {}, 0
-            for micro in range(loop.grad_accum_steps):
-                batch = _to(next(train_iter), device)
-                sync = micro == loop.grad_accum_steps - 1
+            drawn: list[dict[str, Any]] = []
+            while True:
                 try:
-                    loss, stats = forward_backward(batch, sync)
-                except compile_errors as err:  # torch.compile compiles lazily: its errors surface at the first call
-                    cause = getattr(err, "inner_exception", None) or err  # BackendCompilerFailed wraps the real one
-                    reason = (str(cause).strip().splitlines() or [""])[0][:200]
-                    print(f"[{stage.name}] torch.compile failed at the first step ({type(cause).__name__}: {reason}); "
-                          "continuing in eager mode")
-                    engine = eager
-                    optimizer.zero_grad(set_to_none=True)  # anything the failed call accumulated
+                    loss_sum, stats_sum, step_tokens = accumulate(drawn)
+                    break
+                except torch.OutOfMemoryError:
+                    rows = _rows(drawn[-1])
+                    if dist.is_distributed() or 2 * splits > rows:
+                        raise  # ranks cannot agree on a new split without a collective; one row cannot be halved
+                    optimizer.zero_grad(set_to_none=True)  # redo the whole step: a backward may have half-finished
                     moe_aux_loss(eager)
-                    loss, stats = forward_backward(batch, sync)
-                compile_errors = ()  # it compiled: any later error is a real one
-                loss_sum += loss / loop.grad_accum_steps
-                for key, value in stats.items():
-                    stats_sum[key] = stats_sum.get(key, 0.0) + value / loop.grad_accum_steps
-                step_tokens += stage.tokens_in(batch) if hasattr(stage, "tokens_in") else 0
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    splits *= 2
+                    print(f"[{stage.name}] CUDA out of memory at step {step}: micro-batch {rows // splits} x "
+                          f"{loop.grad_accum_steps * splits} accumulation steps from now on (same batch per step)")
+                    log.write(step, "train", {"micro_batch_size": rows // splits,
+                                              "grad_accum_steps": loop.grad_accum_steps * splits})
             clip = optim.grad_clip if optim.grad_clip > 0 else float("inf")
             grad_norm = dist.clip_grad_norm(params, clip)
             if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
