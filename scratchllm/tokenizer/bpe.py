@@ -27,18 +27,21 @@ import regex
 
 DEFAULT_SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
 
-# GPT-4-style split, with two deliberate changes:
+# GPT-4-style split, with three deliberate changes:
 # - Han characters form their own chunks of at most 4 (`\p{Han}{1,4}`): a Chinese sentence has no spaces,
 #   so `\p{L}+` would make each clause one giant "word"; short chunks let BPE learn common 2-4 character words.
 # - every run is capped ({1,64}, {1,32}), so a 1 MB run of one letter becomes many identical, cached chunks
 #   instead of one chunk whose merging is quadratic. The cap lives in the pattern, so HF `tokenizers`,
 #   running the same pattern, splits identically.
+# - every digit is its own chunk (`\p{N}`, as Llama and PaLM split digits): with GPT-4's groups of up to three,
+#   BPE trained on number-rich text made "52" one token but "1234" -> "12" "3" "4", so the same digit got a
+#   different token by position, which makes arithmetic harder for a small model to learn.
 NOT_HAN_LETTER = r"(?:(?!\p{Han})\p{L})"
 SPLIT_PATTERN = (
     r"\p{Han}{1,4}"
     r"|'(?i:[sdmt]|ll|ve|re)"
     rf"|[^\r\n\p{{L}}\p{{N}}]?{NOT_HAN_LETTER}{{1,64}}"
-    r"|\p{N}{1,3}"
+    r"|\p{N}"
     r"| ?[^\s\p{L}\p{N}]{1,32}[\r\n]*"
     r"|\s*[\r\n]"
     r"|\s{1,32}(?!\S)"
