@@ -107,6 +107,19 @@ class TokenizerConfig:
 
 
 @dataclass
+class DataConfig:
+    """How pretraining text becomes token shards (data/shards.py)."""
+
+    # 0 = one shard per split, built in memory (the bundled corpus); N > 0 = stream the text files into shards
+    # of at most N tokens each, read back lazily, for corpora larger than memory (docs/scaling.md)
+    shard_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.shard_tokens < 0:
+            raise ConfigError(f"--data.shard_tokens must be >= 0 (0 = one shard per split), got {self.shard_tokens}")
+
+
+@dataclass
 class OptimConfig:
     lr: float = 3e-3  # small models tolerate (and need) a high peak lr
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio

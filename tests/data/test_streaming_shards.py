@@ -1,12 +1,13 @@
 """The streaming data path: several shards on disk, read lazily, windows a pure function of (seed, batch, rank).
 
 Covers data/shards.py `build_shards`, `iter_documents`, `ShardSet` and data/batches.py `LMWindows` over a
-`ShardSet`.
+`ShardSet`, then the pretrain stage with --data.shard_tokens end to end (tiny model, a few steps, resumed).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import tracemalloc
 from pathlib import Path
 
@@ -196,3 +197,36 @@ def test_sequential_windows_over_shards_match_a_plain_array_and_never_cross_a_bo
     rows = torch.cat([b["ids"] for b in batches])
     assert len(rows) == 29 + 4 + 16  # (n - 1) // seq_len windows per shard
     assert bool(((rows[:, 1:] - rows[:, :-1]) == 1).all())
+
+
+# ---- the pretrain stage -----------------------------------------------------------------------------------------
+def test_pretrain_streams_several_shards_and_resumes_as_if_never_stopped(text_files, tmp_path: Path) -> None:
+    from scratchllm.train.stages import pretrain
+
+    files, tok = text_files
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        (data / split).mkdir(parents=True)
+        for f in files:
+            (data / split / f.name).write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
+    tok.save(tmp_path / "tokenizer.json")
+    flags = ["--loop.batch_size=2", "--loop.seq_len=32", "--loop.eval_batches=2", "--loop.device=cpu",
+             "--loop.max_time_s=0", "--loop.eval_every=0", "--loop.checkpoint_every=2", "--data.shard_tokens=3000"]
+
+    def run(name: str, resume: bool = False) -> dict:
+        return pretrain.run(tmp_path / name, preset="tiny", tokenizer=tmp_path / "tokenizer.json", data_dir=data,
+                            overrides=[*flags, "--loop.max_steps=4"], resume=resume)
+
+    whole = run("whole")
+    cache = tmp_path / "whole" / "pretrain" / "shards" / "train-3000"
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert len(manifest["shards"]) >= 3 and manifest["tokenizer"] == tok.fingerprint()
+    # the same run stopped after step 2: its last checkpoint is step 2's, which records the data position
+    shutil.copytree(tmp_path / "whole", tmp_path / "stopped")
+    checkpoints = tmp_path / "stopped" / "pretrain" / "checkpoints"
+    shutil.rmtree(checkpoints / "step_000004")
+    (checkpoints / "latest").write_text("step_000002")
+    stage_state = json.loads((checkpoints / "step_000002" / "state.json").read_text())["stage"]
+    assert stage_state == {"position": 2, "n_shards": len(manifest["shards"]), "n_tokens": stage_state["n_tokens"]}
+    resumed = run("stopped", resume=True)
+    assert resumed["val_loss"] == whole["val_loss"]

@@ -1,10 +1,13 @@
 """Pretraining: next-token cross-entropy on the bundled text; headline metric = held-out bits-per-byte.
 
 Data: corpus/pretrain/{train,val}/*.txt -> token shards (built once per tokenizer) -> random windows.
+With --data.shard_tokens=N the text is streamed into several shards of at most N tokens, read lazily.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,9 +15,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from scratchllm.config import LoopConfig, OptimConfig, TokenizerConfig, model_preset
+from scratchllm.config import DataConfig, LoopConfig, OptimConfig, TokenizerConfig, model_preset
 from scratchllm.data.batches import LMWindows, sequential_windows
-from scratchllm.data.shards import ShardError, build_shard, load_shard
+from scratchllm.data.shards import ShardError, ShardSet, build_shard, build_shards, load_shard
 from scratchllm.eval.metrics import evaluate_lm, token_byte_lengths
 from scratchllm.model.gpt import GPT
 from scratchllm.tokenizer.bpe import Tokenizer
@@ -51,10 +54,10 @@ class PretrainStage:
         return batch["ids"].numel()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.windows.position}
+        return self.windows.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.windows.position = state["position"]
+        self.windows.load_state_dict(state)
 
 
 def shard_for(split_dir: Path, tokenizer: Tokenizer, cache_dir: Path):
@@ -70,6 +73,31 @@ def shard_for(split_dir: Path, tokenizer: Tokenizer, cache_dir: Path):
         raise FileNotFoundError(f"no .txt files in {split_dir}; build the corpus with scripts/build_corpus.py")
     build_shard(files, tokenizer, path, num_workers=2)
     return load_shard(path, tokenizer)[0]
+
+
+def shard_set_for(split_dir: Path, tokenizer: Tokenizer, cache_dir: Path, shard_tokens: int) -> ShardSet:
+    """Build (or reuse) the shards of one split, at most `shard_tokens` tokens each, streamed from the text files.
+
+    `manifest.json`, written last, marks a finished build: a build that was killed halfway is redone."""
+    out = cache_dir / f"{split_dir.name}-{shard_tokens}"
+    manifest = out / "manifest.json"
+    if manifest.exists():
+        try:
+            listed = json.loads(manifest.read_text())
+            if listed.get("tokenizer") == tokenizer.fingerprint():
+                return ShardSet([out / name for name in listed["shards"]], tokenizer)
+        except (ShardError, OSError, ValueError) as err:
+            print(f"[pretrain] rebuilding stale shards: {err}")
+    files = sorted(split_dir.glob("*.txt"))
+    if not files:
+        raise FileNotFoundError(f"no .txt files in {split_dir}; build the corpus with scripts/build_corpus.py")
+    # subtle: stale shards are overwritten, never deleted first, so torchrun ranks building the same directory at
+    # once only ever replace a file by identical bytes; shards past the manifest's list are ignored
+    paths = build_shards(files, tokenizer, out, shard_tokens, prefix=split_dir.name, num_workers=2)
+    tmp = manifest.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"tokenizer": tokenizer.fingerprint(), "shards": [p.name for p in paths]}))
+    tmp.replace(manifest)
+    return ShardSet(paths, tokenizer)
 
 
 def run(
@@ -91,7 +119,8 @@ def run(
         train_tokenizer_from_files(sorted((data_dir / "train").glob("*.txt")), TokenizerConfig().vocab_size, tokenizer)
     tok = Tokenizer.load(tokenizer)
     sections = resolve_sections(
-        base_sections(DEFAULT_LOOP, DEFAULT_OPTIM, model=model_preset(preset, vocab_size=tok.vocab_size)), overrides
+        base_sections(DEFAULT_LOOP, DEFAULT_OPTIM, model=model_preset(preset, vocab_size=tok.vocab_size),
+                      data=DataConfig()), overrides
     )
     if init is not None:
         from scratchllm.train.checkpoint import load_model
@@ -103,9 +132,15 @@ def run(
     loop = sections["loop"]
     if loop.seq_len > sections["model"].max_seq_len:
         raise ValueError(f"--loop.seq_len={loop.seq_len} exceeds --model.max_seq_len={sections['model'].max_seq_len}")
-    cache = stage_dir / "shards"
-    stage = PretrainStage(shard_for(data_dir / "train", tok, cache), shard_for(data_dir / "val", tok, cache), tok, loop)
-    print(f"[pretrain] {model.num_params() / 1e6:.2f}M parameters, {len(stage.windows.tokens) / 1e6:.2f}M train tokens")
+    cache, shard_tokens = stage_dir / "shards", sections["data"].shard_tokens
+    if shard_tokens:
+        train_tokens = shard_set_for(data_dir / "train", tok, cache, shard_tokens)
+        val_tokens = shard_set_for(data_dir / "val", tok, cache, shard_tokens)
+    else:
+        train_tokens, val_tokens = shard_for(data_dir / "train", tok, cache), shard_for(data_dir / "val", tok, cache)
+    stage = PretrainStage(train_tokens, val_tokens, tok, loop)
+    print(f"[pretrain] {model.num_params() / 1e6:.2f}M parameters, {stage.windows.n_tokens / 1e6:.2f}M train tokens"
+          + (f" in {len(train_tokens)} shards" if shard_tokens else ""))
     metrics = train(model, stage, sections["optim"], loop, stage_dir, resume=resume, tokenizer=tok, config_sections=sections)
     return finish(stage_dir, metrics, sections, started)
 
