@@ -16,12 +16,15 @@ from pathlib import Path
 
 from scratchllm.train.stages import pretrain
 
-# name -> overrides on top of the pretrain defaults (mini: d_model 256, 6 layers, 8 heads / 4 kv, lr 3e-3,
-# batch 16 x 256 tokens). The width/depth variants trade one for the other (4.85M and 6.44M parameters), d_head = 32.
+# name -> overrides on top of the pretrain defaults (mini: d_model 384, 3 layers, 12 heads / 6 kv, lr 3e-3,
+# batch 16 x 256 tokens). Shapes are spelled out in full, so a variant means the same model whatever mini is;
+# d_head = 32 throughout. "d256 L6" was mini until the first sweep showed the wider, shallower shape ahead.
+SHAPES: dict[str, tuple[int, int]] = {"d192 L10": (192, 10), "d256 L6": (256, 6), "d320 L4": (320, 4),
+                                      "d384 L3": (384, 3), "d512 L2": (512, 2)}
 VARIANTS: dict[str, list[str]] = {
     "default": [],
-    "deeper d192 L10": ["--model.d_model=192", "--model.n_layers=10", "--model.n_heads=6", "--model.n_kv_heads=3"],
-    "wider d384 L3": ["--model.d_model=384", "--model.n_layers=3", "--model.n_heads=12", "--model.n_kv_heads=6"],
+    **{name: [f"--model.d_model={d}", f"--model.n_layers={layers}", f"--model.n_heads={d // 32}",
+              f"--model.n_kv_heads={d // 64}"] for name, (d, layers) in SHAPES.items()},
     "lr 1e-3": ["--optim.lr=1e-3"],
     "lr 6e-3": ["--optim.lr=6e-3"],
     "batch 8": ["--loop.batch_size=8"],

@@ -49,9 +49,9 @@ def test_validation_names_the_flag() -> None:
 
 
 def test_auto_d_ff_follows_overridden_width() -> None:
-    cfg = apply_overrides({"model": model_preset("mini")}, ["--model.d_model=512"])["model"]
-    assert cfg.resolved_d_ff == 64 * -(-(8 * 512 // 3) // 64)
-    assert cfg.resolved_d_ff % 64 == 0 and cfg.resolved_d_ff >= 8 * 512 // 3
+    cfg = apply_overrides({"model": model_preset("mini")}, ["--model.d_model=576"])["model"]  # 12 heads of 48
+    assert cfg.resolved_d_ff == 64 * -(-(8 * 576 // 3) // 64)
+    assert cfg.resolved_d_ff % 64 == 0 and cfg.resolved_d_ff >= 8 * 576 // 3
 
 
 def test_json_round_trip() -> None:

@@ -112,6 +112,6 @@ def test_param_count_and_init_scale() -> None:
     cfg = dataclasses.replace(model_preset("mini"), vocab_size=4096)
     model = GPT(cfg)
     assert 4e6 < model.num_params() < 7e6  # the "~5M" CPU preset
-    assert model.num_params(exclude_embeddings=True) == model.num_params() - 4096 * 256
+    assert model.num_params(exclude_embeddings=True) == model.num_params() - 4096 * cfg.d_model
     std = model.layers[0].self_attn.o_proj.weight.std().item()
     assert abs(std - 0.02 / (2 * cfg.n_layers) ** 0.5) < 2e-3
