@@ -23,9 +23,10 @@ def test_toy_pipeline_end_to_end_and_resumes(tmp_path: Path, capsys) -> None:
         assert (root / stage / "DONE.json").exists()
     assert (root / "reward" / "final" / "model.safetensors").exists()
     comparison = json.loads((root / "comparison.json").read_text())
-    assert set(comparison) == {"pretrain", "sft", "dpo", "ppo", "grpo"}
+    assert set(comparison) == {"pretrain", "sft", "dpo", "ppo", "grpo", "reference"}
+    assert 0 <= comparison.pop("reference")["pass_at_1"] <= 1
     for stage, row in comparison.items():
-        for key in ("val_bpb", "end_rate", "pass_at_1", "learned_reward", "gold_score", "kl_to_sft"):
+        for key in ("val_bpb", "copy_accuracy", "end_rate", "pass_at_1", "learned_reward", "gold_score", "kl_to_sft"):
             assert isinstance(row[key], float) and math.isfinite(row[key]), (stage, key)
     report = (root / "report.md").read_text()
     for _, label, _ in COMPARISON_ROWS:

@@ -6,7 +6,7 @@ PPO and GRPO are measured on identical prompts with identical decoding.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ from scratchllm.infer.engine import generate_batch
 from scratchllm.infer.sampling import SamplingParams
 from scratchllm.tokenizer.bpe import Tokenizer
 from scratchllm.tokenizer.chat import render_for_completion, reply_stop_ids
+from scratchllm.data.tasks import canonical_reply
 from scratchllm.train.rewards import score_task
 
 
@@ -79,3 +80,14 @@ def task_sampled_pass_at_1(
     n = max(len(tasks), 1)
     return {"sampled_pass_at_1": sum(sum(s) / samples for s in per_task) / n,
             f"sampled_pass_at_{samples}": sum(max(s, default=0.0) for s in per_task) / n}
+
+
+def constant_answer_pass_at_1(train_tasks: list[dict[str, Any]], tasks: list[dict[str, Any]]) -> float:
+    """Pass@1 of a policy that never reads the question: each task answered with its family's commonest answer
+    in the training split. A model whose pass@1 is near this has learned the answer prior, not the task."""
+    by_family: dict[str, Counter] = defaultdict(Counter)
+    for task in train_tasks:
+        by_family[task["family"]][task["answer"]] += 1
+    scores = [score_task(canonical_reply(by_family[t["family"]].most_common(1)[0][0], t["lang"]), t)
+              if by_family[t["family"]] else 0.0 for t in tasks]
+    return sum(scores) / max(len(scores), 1)

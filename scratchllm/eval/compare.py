@@ -1,7 +1,8 @@
 """Measure every checkpoint of a run on the same held-out sets: the pipeline's comparison table.
 
-Rows: validation bits-per-byte, end-of-reply rate, task pass@1 (greedy), reward-model accuracy, learned
-reward and gold-judge score of held-out replies, KL to SFT. Columns: pretrain, SFT, DPO, PPO, GRPO.
+Rows: validation bits-per-byte, in-context copy accuracy, end-of-reply rate, task pass@1 (greedy), reward-model accuracy, learned
+reward and gold-judge score of held-out replies, KL to SFT. Columns: pretrain, SFT, DPO, PPO, GRPO, and a
+"reference" column: the task pass@1 of answering without reading the question.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import torch
 
 from scratchllm.data.batches import sequential_windows
 from scratchllm.data.jsonl import read_conversations, read_preferences, read_tasks
-from scratchllm.eval.chat_eval import end_of_reply_rate, generate_replies, task_pass_at_1
-from scratchllm.eval.metrics import evaluate_lm, token_byte_lengths
+from scratchllm.eval.chat_eval import constant_answer_pass_at_1, end_of_reply_rate, generate_replies, task_pass_at_1
+from scratchllm.eval.metrics import copy_accuracy, evaluate_lm, token_byte_lengths
 from scratchllm.model.heads import load_scalar_model
 from scratchllm.train.checkpoint import load_model
 from scratchllm.train.loop import resolve_device
@@ -55,6 +56,7 @@ def compare_checkpoints(
             val_tokens_cache[key] = np.array(ids, dtype=np.int64)
         windows = sequential_windows(val_tokens_cache[key], min(256, model.config.max_seq_len), 16, n_windows)
         row["val_bpb"] = evaluate_lm(model, windows, token_byte_lengths(tok, tok.vocab_size))["val_bpb"]
+        row["copy_accuracy"] = copy_accuracy(model, min(tok.special_by_id))  # specials sit after the merges
         row["end_rate"] = end_of_reply_rate(model, tok, convs)
         row["pass_at_1"] = task_pass_at_1(model, tok, tasks)["pass_at_1"]
         row["rm_accuracy"] = rm_accuracy if stage == "sft" else None
@@ -67,4 +69,7 @@ def compare_checkpoints(
             row["kl_to_sft"] = scored["kl_to_sft"]
         results[stage] = row
         print(f"[compare] {stage}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float)))
+    # What reading nothing scores: each task answered with its family's commonest answer in the training split.
+    train_tasks = read_tasks(data_dir / "chat" / "tasks_train.jsonl")
+    results["reference"] = {"pass_at_1": constant_answer_pass_at_1(train_tasks, tasks)}
     return results

@@ -41,3 +41,22 @@ def token_byte_lengths(tokenizer, vocab_size: int) -> Tensor:
     for i in range(min(vocab_size, len(tokenizer.vocab))):
         lengths[i] = len(tokenizer.vocab[i])
     return lengths
+
+
+@torch.no_grad()
+def copy_accuracy(model: nn.Module, n_regular_tokens: int, n_sequences: int = 32, length: int = 24,
+                  seed: int = 0) -> float:
+    """In-context copying: argmax next-token accuracy on the second half of random token sequences said twice.
+
+    The second copy is predictable only by finding the earlier occurrence and copying what followed it, the job
+    of induction heads (Olsson et al. 2022, arXiv:2209.11895). A model without them scores about 1/V; answering
+    a question about numbers in the prompt needs this skill first. Token ids are drawn from [0, n_regular_tokens),
+    i.e. never special tokens."""
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    half = torch.randint(0, n_regular_tokens, (n_sequences, length), generator=g)
+    ids = torch.cat([half, half], dim=1).to(device)  # (B, 2L)
+    predicted = model(ids[:, :-1]).argmax(-1)  # position t predicts token t + 1
+    # targets of the second copy, except its first token (nothing before it says which token comes first)
+    hits = predicted[:, length:] == ids[:, length + 1 :]
+    return float(hits.float().mean())

@@ -15,14 +15,18 @@ from typing import Any
 # Rows of the comparison table: (metric key, label, how to read it).
 COMPARISON_ROWS: list[tuple[str, str, str]] = [
     ("val_bpb", "validation bits-per-byte", "lower is better; tokenizer-independent"),
+    ("copy_accuracy", "in-context copy accuracy", "next-token accuracy on the 2nd copy of a repeated random "
+     "sequence: the induction skill that reading a number from the prompt needs (Olsson et al. 2022)"),
     ("end_rate", "end-of-reply rate", "share of held-out chat prompts whose reply ends with <|im_end|>"),
-    ("pass_at_1", "verifiable-task pass@1", "greedy decoding on the held-out task split"),
+    ("pass_at_1", "verifiable-task pass@1", "greedy decoding on the held-out task split; reference: each "
+     "family's commonest training answer, question unread"),
     ("rm_accuracy", "reward-model pair accuracy", "held-out preference pairs ranked correctly"),
     ("learned_reward", "learned reward (mean)", "reward model score of greedy replies to held-out prompts"),
     ("gold_score", "gold-judge score (mean)", "rule-based judge the preference data was built from"),
     ("kl_to_sft", "KL to SFT (nats/token)", "on the model's own greedy replies; 0 for SFT itself"),
 ]
-STAGE_COLUMNS = ["pretrain", "sft", "dpo", "ppo", "grpo"]
+# "reference": what a policy that never reads the question scores (eval/compare.py), beside the stages.
+STAGE_COLUMNS = ["pretrain", "sft", "dpo", "ppo", "grpo", "reference"]
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -24,3 +24,47 @@ def test_sampled_pass_at_1_averages_samples_and_pass_at_k_takes_any(monkeypatch)
     assert result["sampled_pass_at_1"] == pytest.approx((1 + 0.5 + 0) / 3)
     assert result["sampled_pass_at_2"] == pytest.approx(2 / 3)
     assert seen == {"n": 6, "temperature": 0.7, "seed": 5}
+
+
+def test_constant_answer_baseline_uses_each_familys_commonest_training_answer() -> None:
+    from scratchllm.eval.chat_eval import constant_answer_pass_at_1
+
+    def task(family: str, answer: str, lang: str = "en") -> dict:
+        return {"family": family, "lang": lang, "answer": answer, "verifier": "math",
+                "prompt": [{"role": "user", "content": "?"}]}
+
+    train = [task("add", "3"), task("add", "3"), task("add", "5"), task("compare", "9")]
+    held_out = [task("add", "3"), task("add", "5", "zh"), task("compare", "9"), task("sort", "1")]
+    # add -> "3" (right once of twice), compare -> "9" (right), sort never seen in training (wrong)
+    assert constant_answer_pass_at_1(train, held_out) == 2 / 4
+
+
+def test_copy_accuracy_is_one_for_a_copier_and_near_zero_for_a_model_that_ignores_context() -> None:
+    import torch
+    from torch import nn
+
+    from scratchllm.eval.metrics import copy_accuracy
+
+    V, L = 1000, 24  # a large V keeps tokens within one half distinct, so the last earlier match is the right one
+
+    class Copier(nn.Module):  # predicts the token that followed the same token earlier in the row
+        def __init__(self) -> None:
+            super().__init__()
+            self.anchor = nn.Parameter(torch.zeros(1))
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            logits = torch.zeros(*ids.shape, V)
+            for b in range(ids.shape[0]):
+                for t in range(ids.shape[1]):
+                    earlier = [s for s in range(t) if ids[b, s] == ids[b, t] and s + 1 <= t]
+                    if earlier:
+                        logits[b, t, ids[b, earlier[-1] + 1]] = 1.0
+            return logits
+
+    class Unigram(Copier):
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(*ids.shape, V).index_fill_(-1, torch.tensor([7]), 1.0)
+
+    # random halves may repeat a token, so a perfect copier still scores slightly below 1
+    assert copy_accuracy(Copier(), V, n_sequences=8, length=L) > 0.9
+    assert copy_accuracy(Unigram(), V, n_sequences=8, length=L) < 0.1
