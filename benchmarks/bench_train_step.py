@@ -1,6 +1,6 @@
 """Training-step throughput: our GPT vs transformers' LlamaForCausalLM of the same shape, same run.
 
-    python benchmarks/bench_train_step.py [--preset mini] [--batch 16] [--seq 256] [--steps 5]
+    python benchmarks/bench_train_step.py [--preset mini] [--batch 16] [--seq 256] [--steps 5] [--compile]
 
 Forward + backward + AdamW step, float32 on CPU (bf16 autocast on CUDA); prints tokens/s and the ratio.
 """
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models (the same settings)")
     args = parser.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -59,13 +60,16 @@ def main() -> None:
         max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=cfg.tie_embeddings, attn_implementation="sdpa",
     )).to(args.device)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=args.device)
+    ours_forward, hf_forward = ours, lambda x: hf(x).logits
+    if args.compile:
+        ours_forward, hf_forward = torch.compile(ours_forward), torch.compile(hf_forward)
     results = {}
     for _ in range(2):  # interleave to share whatever else the machine is doing fairly
-        results.setdefault("ours", []).append(tokens_per_s(ours, ours, ids, args.steps, args.device))
-        results.setdefault("hf", []).append(tokens_per_s(hf, lambda x: hf(x).logits, ids, args.steps, args.device))
+        results.setdefault("ours", []).append(tokens_per_s(ours, ours_forward, ids, args.steps, args.device))
+        results.setdefault("hf", []).append(tokens_per_s(hf, hf_forward, ids, args.steps, args.device))
     ours_tps, hf_tps = max(results["ours"]), max(results["hf"])
     print(f"device={args.device} torch={torch.__version__} preset={args.preset} params={ours.num_params() / 1e6:.2f}M "
-          f"batch={args.batch}x{args.seq}")
+          f"batch={args.batch}x{args.seq} compile={args.compile}")
     print(f"ours            {ours_tps:10.0f} tokens/s")
     print(f"LlamaForCausalLM {hf_tps:10.0f} tokens/s")
     print(f"ratio ours/hf   {ours_tps / hf_tps:10.2f}")

@@ -53,6 +53,10 @@ class RotaryEmbedding(nn.Module):
         """positions (B, T) -> cos, sin of shape (B, 1, T, D), broadcasting over heads."""
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
+    def span(self, start: int, length: int) -> tuple[Tensor, Tensor]:
+        """Positions start..start+length-1 for every row: cos, sin of shape (1, 1, T, D), views, no gather."""
+        return self.cos[start : start + length][None, None], self.sin[start : start + length][None, None]
+
 
 def rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
