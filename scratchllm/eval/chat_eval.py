@@ -12,11 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from scratchllm.data.tasks import canonical_reply
 from scratchllm.infer.engine import generate_batch
 from scratchllm.infer.sampling import SamplingParams
 from scratchllm.tokenizer.bpe import Tokenizer
 from scratchllm.tokenizer.chat import render_for_completion, reply_stop_ids
-from scratchllm.data.tasks import canonical_reply
 from scratchllm.train.rewards import score_task
 
 
