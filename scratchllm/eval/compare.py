@@ -14,7 +14,12 @@ import torch
 
 from scratchllm.data.batches import sequential_windows
 from scratchllm.data.jsonl import read_conversations, read_preferences, read_tasks
-from scratchllm.eval.chat_eval import constant_answer_pass_at_1, end_of_reply_rate, generate_replies, task_pass_at_1
+from scratchllm.eval.chat_eval import (
+    constant_answer_pass_at_1,
+    end_of_reply_rate,
+    generate_replies,
+    task_pass_at_1,
+)
 from scratchllm.eval.metrics import copy_accuracy, evaluate_lm, token_byte_lengths
 from scratchllm.model.heads import load_scalar_model
 from scratchllm.train.checkpoint import load_model
