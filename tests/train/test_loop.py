@@ -220,6 +220,7 @@ model = _model()
 train(model, ToyLM(4), OPTIM, dataclasses.replace(LOOP, max_steps=4, batch_size=4), {out!r} + f"/r{{rank}}")
 if rank == 0:
     save_file({{k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}}, {out!r} + "/ddp.safetensors")
+dist.barrier()  # no rank tears gloo down while another is still talking to it ("terminate called" at exit)
 dist.destroy_process_group()
 """
 
@@ -264,6 +265,7 @@ try:
 except InterruptedError:
     pass
 train(_model(seed=123), ToyLM(4), OPTIM, loop, {out!r}, resume=True)  # reads the gathered step-2 checkpoint
+dist.barrier()  # no rank tears gloo down while another is still talking to it ("terminate called" at exit)
 dist.destroy_process_group()
 """
 

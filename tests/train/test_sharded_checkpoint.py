@@ -35,6 +35,7 @@ os.environ.update(RANK=sys.argv[1], WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MAS
 loop = dataclasses.replace(SHARDED, parallel="fsdp")
 train(_model(), ToyLM(4), OPTIM, loop, {out!r} + "/two")  # saves shards from 2 processes
 train(_model(seed=123), ToyLM(4), OPTIM, loop, {out!r} + "/one_then_two", resume=True)  # resumes 1-process shards
+dist.barrier()  # no rank tears gloo down while another is still talking to it ("terminate called" at exit)
 dist.destroy_process_group()
 """
 

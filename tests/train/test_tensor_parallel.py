@@ -40,6 +40,7 @@ if rank == 0:
 loop = dataclasses.replace(LOOP, max_steps=4, batch_size=4, log_every=1, tensor_parallel=2)
 train(_model(), ToyLM(4), OPTIM, loop, {out!r} + "/tp")
 train(_model(), ToyLM(4), OPTIM, dataclasses.replace(loop, parallel="fsdp"), {out!r} + "/tp_fsdp")  # mesh (1, 2)
+dist.barrier()  # no rank tears gloo down while another is still talking to it ("terminate called" at exit)
 dist.destroy_process_group()
 """
 
