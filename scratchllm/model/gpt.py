@@ -79,16 +79,18 @@ class GPT(nn.Module):
         """
         B, T = ids.shape
         past = kv_cache.length if kv_cache is not None else 0
-        if positions is None and attention_mask is None:
-            # Every row at positions past..past+T-1 (training, unpadded decoding): a slice of the tables, and a
-            # bounds check on Python ints, so no device sync and no torch.compile graph break.
+        if positions is None:
+            # Positions never exceed past+T-1 (left padding only lowers them), so the bounds check runs on Python
+            # ints: no device sync per forward or decode step, no torch.compile graph break.
             if past + T > self.config.max_seq_len:
                 raise ValueError(f"position {past + T - 1} exceeds --model.max_seq_len={self.config.max_seq_len}")
-            cos, sin = self.rotary.span(past, T)
-        else:
-            if positions is None:  # positions count real tokens only, so left padding is invisible
+            if attention_mask is None:  # every row at past..past+T-1: a slice of the tables, no gather
+                cos, sin = self.rotary.span(past, T)
+            else:  # positions count real tokens only, so left padding is invisible
                 positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past : past + T]
-            if int(positions.max()) >= self.config.max_seq_len:
+                cos, sin = self.rotary(positions)
+        else:
+            if int(positions.max()) >= self.config.max_seq_len:  # caller-made positions: check them
                 raise ValueError(f"position {int(positions.max())} exceeds --model.max_seq_len={self.config.max_seq_len}")
             cos, sin = self.rotary(positions)
         mask = self._attention_mask(T, past, attention_mask, ids.device)
