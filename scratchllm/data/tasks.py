@@ -1,4 +1,5 @@
-"""Seeded generators of verifiable tasks (English and Chinese) that a ~5M-parameter model can partly learn.
+"""Seeded generators of verifiable tasks (English and Chinese) that a small model can partly learn, once it has
+been pretrained enough to read its prompt (docs/grpo.md: the 5-minute CPU model has not).
 
 Canonical reply, one per language (the verifiers in train/rewards.py read the answer only from here):
 
