@@ -59,7 +59,9 @@ def generate(
     seeds = seed if isinstance(seed, list) else [None if seed is None else seed + row for row in range(B)]
     generators = [None if s is None else torch.Generator(device=device).manual_seed(s) for s in seeds]
     uniform = not isinstance(params, list) and seed is None  # one vectorised sampling call for the whole batch
-    cache = KVCache(model.config, B, longest + budget, device=device, dtype=next(model.parameters()).dtype)
+    local_kv_heads = model.layers[0].self_attn.n_kv_heads  # this process's share under tensor parallelism
+    cache = KVCache(model.config, B, longest + budget, device=device, dtype=next(model.parameters()).dtype,
+                    n_kv_heads=local_kv_heads)
     logits = model(ids, kv_cache=cache, attention_mask=mask[:, :longest])[:, -1]
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)

@@ -20,9 +20,13 @@ class KVCache:
         max_len: int | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        n_kv_heads: int | None = None,
     ) -> None:
+        """`n_kv_heads`: the K/V heads each attention holds on this process, when that is not all of
+        `config.n_kv_heads` (tensor parallelism splits them across processes)."""
         self.max_len = max_len or config.max_seq_len
-        shape = (config.n_layers, batch_size, config.n_kv_heads, self.max_len, config.d_head)  # (L, B, K, T, D)
+        heads = n_kv_heads or config.n_kv_heads
+        shape = (config.n_layers, batch_size, heads, self.max_len, config.d_head)  # (L, B, K, T, D)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # positions already written (same for every row)

@@ -35,14 +35,28 @@ assert q.to_local().shape[0] * 2 == q.shape[0], "q_proj is not split by output f
 ids = ToyLM(4).windows.batch(0)["ids"]
 with torch.no_grad():
     logits = model(ids)
+from scratchllm.infer.engine import generate_batch
+from test_tensor_parallel import _mha_model
+prompts = [[5, 6, 7], [9, 3]]  # different lengths: left padding and the attention mask take part
+# 4 K/V heads, 2 per process: a cache sized for all 4 cannot take a process's 2 (with 1 of 2 it would broadcast)
+generator = distributed.wrap(_mha_model(), torch.device("cpu"), "ddp", tensor_parallel=2)
+generated, _ = generate_batch(generator, prompts, max_new_tokens=6)  # greedy, KV cache of this process's heads
 if rank == 0:
-    torch.save({{"ids": ids, "logits": logits}}, {out!r} + "/forward.pt")
+    torch.save({{"ids": ids, "logits": logits, "generated": torch.tensor(generated)}}, {out!r} + "/forward.pt")
 loop = dataclasses.replace(LOOP, max_steps=4, batch_size=4, log_every=1, tensor_parallel=2)
 train(_model(), ToyLM(4), OPTIM, loop, {out!r} + "/tp")
 train(_model(), ToyLM(4), OPTIM, dataclasses.replace(loop, parallel="fsdp"), {out!r} + "/tp_fsdp")  # mesh (1, 2)
 dist.barrier()  # no rank tears gloo down while another is still talking to it ("terminate called" at exit)
 dist.destroy_process_group()
 """
+
+
+def _mha_model() -> torch.nn.Module:
+    from scratchllm.model.gpt import GPT
+    from tests.train.test_loop import VOCAB
+
+    torch.manual_seed(0)
+    return GPT(model_preset("tiny", vocab_size=VOCAB, n_kv_heads=4))
 
 
 def _free_port() -> str:
@@ -66,6 +80,15 @@ def test_tensor_parallel_forward_equals_one_process(tp_run: Path) -> None:
     with torch.no_grad():
         expected = _model()(saved["ids"])
     torch.testing.assert_close(saved["logits"], expected, rtol=0, atol=1e-5)
+
+
+def test_tensor_parallel_generation_equals_one_process(tp_run: Path) -> None:
+    # SFT and DPO evaluate by generating; under TP each process caches only its share of the K/V heads.
+    from scratchllm.infer.engine import generate_batch
+
+    saved = torch.load(tp_run / "forward.pt", weights_only=True)
+    expected, _ = generate_batch(_mha_model(), [[5, 6, 7], [9, 3]], max_new_tokens=6)
+    assert saved["generated"].tolist() == expected
 
 
 @pytest.mark.parametrize("run", ["tp", "tp_fsdp"])
