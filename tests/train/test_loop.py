@@ -21,6 +21,7 @@ from scratchllm.model.gpt import GPT
 from scratchllm.train.checkpoint import latest_checkpoint, load_model
 from scratchllm.train.loop import TrainingDiverged, train
 from scratchllm.train.losses import cross_entropy_loss
+from tests.train.two_process import run_two_processes
 
 VOCAB = 48
 
@@ -226,14 +227,7 @@ dist.destroy_process_group()
 
 
 def test_two_process_ddp_equals_one_process_with_double_accumulation(tmp_path: Path) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    script = DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path))
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(r), port]) for r in range(2)]
-    assert all(p.wait(timeout=180) == 0 for p in procs)
+    run_two_processes(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)), timeout=180)
     single = _model()
     train(single, ToyLM(4), OPTIM, dataclasses.replace(LOOP, max_steps=4, batch_size=4, grad_accum_steps=2), tmp_path / "single")
     from safetensors.torch import load_file
@@ -245,7 +239,7 @@ def test_two_process_ddp_equals_one_process_with_double_accumulation(tmp_path: P
 
 
 FSDP_SCRIPT = """
-import os, sys, dataclasses, torch
+import contextlib, os, sys, dataclasses, torch
 import torch.distributed as dist
 sys.path.insert(0, {tests!r})
 from test_loop import ToyLM, _model, LOOP, OPTIM
@@ -260,10 +254,8 @@ class StopAfter2(ToyLM):  # both ranks stop in step 3, after the checkpoint of s
             raise InterruptedError
         return super().loss(model, batch)
 
-try:
+with contextlib.suppress(InterruptedError):  # the simulated crash after step 2's checkpoint
     train(_model(), StopAfter2(4), OPTIM, loop, {out!r})
-except InterruptedError:
-    pass
 train(_model(seed=123), ToyLM(4), OPTIM, loop, {out!r}, resume=True)  # reads the gathered step-2 checkpoint
 dist.barrier()  # no rank tears gloo down while another is still talking to it ("terminate called" at exit)
 dist.destroy_process_group()
@@ -271,14 +263,7 @@ dist.destroy_process_group()
 
 
 def test_fsdp_two_processes_equal_one_process_and_resume_from_gathered_checkpoints(tmp_path: Path) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    script = FSDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "fsdp"))
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(r), port]) for r in range(2)]
-    assert all(p.wait(timeout=180) == 0 for p in procs)
+    run_two_processes(FSDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "fsdp")), timeout=180)
     single = _model()
     train(single, ToyLM(4), OPTIM, dataclasses.replace(LOOP, max_steps=4, batch_size=4, grad_accum_steps=2), tmp_path / "single")
     from safetensors.torch import load_file

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from scratchllm.train.checkpoint import CheckpointError, load_sharded_checkpoint
 from scratchllm.train.loop import train
 from scratchllm.train.optim import build_optimizer
 from tests.train.test_loop import LOOP, OPTIM, ToyLM, _model
-from tests.train.test_tensor_parallel import _free_port
+from tests.train.two_process import run_two_processes
 
 # 4 steps, checkpoints at 2 and 4; one process accumulates 2 micro-batches where two processes take one each
 SHARDED = dataclasses.replace(LOOP, max_steps=4, batch_size=4, checkpoint_every=2, sharded_checkpoint=True)
@@ -53,9 +51,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     train(_model(), ToyLM(4), OPTIM, ONE_PROCESS, out / "one")  # the uninterrupted reference, sharded checkpoints
     _resume_from_step_2(out / "one", out / "one_then_two")
     script = SCRIPT.format(tests=str(Path(__file__).parent), out=str(out))
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(r), port]) for r in range(2)]
-    assert all(p.wait(timeout=300) == 0 for p in procs)
+    run_two_processes(script)
     return out
 
 

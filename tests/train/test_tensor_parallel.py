@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ from scratchllm.config import ConfigError, model_preset
 from scratchllm.train.loop import train
 from scratchllm.train.tensor_parallel import check_tensor_parallel
 from tests.train.test_loop import LOOP, OPTIM, ToyLM, _model
+from tests.train.two_process import run_two_processes
 
 TP_SCRIPT = """
 import os, sys, dataclasses, torch
@@ -59,19 +57,10 @@ def _mha_model() -> torch.nn.Module:
     return GPT(model_preset("tiny", vocab_size=VOCAB, n_kv_heads=4))
 
 
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def tp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tp")
-    script = TP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out))
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(r), port]) for r in range(2)]
-    assert all(p.wait(timeout=300) == 0 for p in procs)
+    run_two_processes(TP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out)))
     return out
 
 
