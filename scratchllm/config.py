@@ -249,6 +249,10 @@ class GRPOConfig:
     # difference up to unit size, so even 0.1 makes GRPO chase format instead of answers: off by default.
     format_weight: float = 0.0
     epochs: int = 1  # policy updates per rollout batch
+    # How token terms are averaged in the loss (losses.grpo_loss): "reply" (the paper), "token" (DAPO),
+    # "constant" (Dr. GRPO). "reply" pushes short right replies harder and truncates multi-digit answers.
+    loss_norm: str = "reply"
+    scale_advantages: bool = True  # divide by the group's std (the paper); False = Dr. GRPO's r - mean(r)
     max_draws: int = 4  # dynamic sampling (DAPO): redraw until prompts_per_step groups have signal, at most this often
     eval_tasks: int = 480  # held-out verifiable tasks for pass@1 (the whole tasks_val split)
     # Sampled pass@1 (k replies per task at `temperature`) on the first `sampled_eval_tasks` of those; 0 = off.
@@ -260,6 +264,8 @@ class GRPOConfig:
     curriculum_floor: float = 0.02  # added to every family's weight, so none is starved for good
 
     def __post_init__(self) -> None:
+        if self.loss_norm not in ("reply", "token", "constant"):
+            raise ConfigError(f"--grpo.loss_norm must be reply, token or constant, got {self.loss_norm!r}")
         if self.group_size < 2:
             raise ConfigError(f"--grpo.group_size must be at least 2 (advantages compare replies), got {self.group_size}")
         if self.eval_samples < 0 or self.sampled_eval_tasks < 0:

@@ -164,16 +164,18 @@ def group_has_signal(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Ten
     return rewards.view(-1, group_size).std(dim=1, unbiased=False) > eps
 
 
-def grpo_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> tuple[Tensor, Tensor]:
+def grpo_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4, scale: bool = True) -> tuple[Tensor, Tensor]:
     """Group-relative advantages (Shao et al. 2024, arXiv:2402.03300 §4.1.2): Â_i = (r_i - mean(r)) / (std(r) + eps).
 
     rewards (N·G,) with each prompt's G replies consecutive. std is the population std (divide by G).
+    scale=False keeps Â_i = r_i - mean(r) (Dr. GRPO, Liu et al. 2025, arXiv:2503.20783 §3.1): dividing by the
+    std weighs a group with one right reply in eight (std 0.33) three times as much as a half-right one.
     Returns (advantages (N·G,), has_signal (N,) from group_has_signal).
     """
     grouped = rewards.view(-1, group_size)
     mean = grouped.mean(dim=1, keepdim=True)
     std = grouped.std(dim=1, keepdim=True, unbiased=False)
-    advantages = (grouped - mean) / (std + eps)
+    advantages = (grouped - mean) / (std + eps) if scale else grouped - mean
     return advantages.flatten(), group_has_signal(rewards, group_size, eps)
 
 
@@ -185,21 +187,36 @@ def grpo_loss(
     mask: Tensor,
     clip_eps: float,
     kl_coef: float,
+    normalise: str = "reply",
+    max_len: int | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """GRPO objective (arXiv:2402.03300 eq. 3) with the k3 KL to the reference (eq. 4), negated for descent.
 
     J = 1/G Σ_i 1/|o_i| Σ_t [min(ρ_t Â_i, clip(ρ_t, 1-ε, 1+ε) Â_i) - β·KL_k3], ρ_t = π/π_old per token.
-    Normalisation as in the paper: mean over each reply's tokens, then mean over replies (so a short reply's
-    tokens weigh more than a long one's; DAPO's token-level mean is the alternative, not used here). Replies with
-    no counted token are left out of the mean. logprobs/old/ref/mask (B, T); advantages (B,), one per reply.
+    `normalise` says how token terms are averaged (replies with no counted token are left out):
+      "reply"    the paper's 1/G Σ_i 1/|o_i| Σ_t: a short reply's tokens weigh more than a long one's, so a right
+                 "The answer is 9." is pushed harder than a right "The answer is 9000.": replies drift shorter;
+      "token"    one mean over every counted token of the batch (DAPO, Yu et al. 2025, arXiv:2503.14476 §3.3);
+      "constant" Σ_i Σ_t / (G · max_len) (Dr. GRPO, Liu et al. 2025, arXiv:2503.20783 §3.1): every token's weight
+                 is the same whatever the reply's or the batch's lengths.
+    logprobs/old/ref/mask (B, T); advantages (B,), one per reply.
     """
     ratio = torch.exp(logprobs - old_logprobs)
     adv = advantages[:, None]
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
     kl = kl_k3(logprobs, ref_logprobs)  # eq. 4
     per_token = surrogate - kl_coef * kl
-    per_reply = masked_mean(per_token, mask, dim=1)  # 1/|o_i| Σ_t
-    loss = -masked_mean(per_reply, mask.any(dim=1))  # eq. 3: 1/G Σ_i
+    counted = mask.any(dim=1)
+    if normalise == "reply":
+        loss = -masked_mean(masked_mean(per_token, mask, dim=1), counted)  # eq. 3: 1/G Σ_i 1/|o_i| Σ_t
+    elif normalise == "token":
+        loss = -masked_mean(per_token, mask)
+    elif normalise == "constant":
+        if max_len is None or max_len < 1:
+            raise ValueError("normalise='constant' needs max_len >= 1 (the longest reply the rollout allows)")
+        loss = -(per_token * mask).sum() / (counted.sum().clamp(min=1) * max_len)
+    else:
+        raise ValueError(f"normalise must be 'reply', 'token' or 'constant', got {normalise!r}")
     with torch.no_grad():
         clip_frac = masked_mean(((ratio - 1).abs() > clip_eps).float(), mask)
         mean_kl = masked_mean(kl, mask)

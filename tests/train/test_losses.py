@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -122,6 +123,34 @@ def test_grpo_loss_reduces_to_pg_at_ratio_one() -> None:
     loss.backward()
     # ∂/∂logp of -mean_i(mean_t ρ A_i): row 0 tokens -1/2·1/2 each, row 1 token +1/2·1
     assert torch.allclose(logp.grad, torch.tensor([[-0.25, -0.25], [0.5, 0.0]]))
+
+
+def test_grpo_loss_normalisations_weigh_tokens_as_documented() -> None:
+    # Reply 0: 4 tokens, Â = +1 (a long right reply); reply 1: 1 token, Â = +1 (a short right one). At ρ = 1,
+    # no KL, the gradient on each token is minus its weight in the average.
+    logp = torch.zeros(2, 4, requires_grad=True)
+    mask = torch.tensor([[True, True, True, True], [True, False, False, False]])
+    adv = torch.tensor([1.0, 1.0])
+    expected = {
+        "reply": [[1 / 8] * 4, [1 / 2, 0, 0, 0]],  # 1/G · 1/|o_i|: the short reply's token weighs 4x
+        "token": [[1 / 5] * 4, [1 / 5, 0, 0, 0]],  # one mean over the 5 counted tokens
+        "constant": [[1 / 12] * 4, [1 / 12, 0, 0, 0]],  # 1/(G · max_len), max_len = 6
+    }
+    for normalise, weights in expected.items():
+        logp.grad = None
+        loss, _ = grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, 0.2, 0.0, normalise=normalise, max_len=6)
+        loss.backward()
+        assert torch.allclose(-logp.grad, torch.tensor(weights)), normalise
+    with pytest.raises(ValueError, match="max_len"):
+        grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, 0.2, 0.0, normalise="constant")
+
+
+def test_grpo_advantages_without_std_scaling() -> None:
+    # Dr. GRPO: r - mean(r). One right reply in four: [0.75, -0.25, -0.25, -0.25]; scaled it would be 3x that
+    adv, signal = grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), group_size=4, scale=False)
+    assert torch.allclose(adv, torch.tensor([0.75, -0.25, -0.25, -0.25])) and signal.tolist() == [True]
+    scaled, _ = grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), group_size=4)
+    assert torch.allclose(scaled, adv / math.sqrt(3 / 16), atol=1e-3)
 
 
 def test_distillation_equals_ce_when_alpha_one_and_kl_zero_for_same_logits() -> None:

@@ -114,7 +114,7 @@ class GRPOStage:
                                   seed=self.seed + k + 1)
         rewards = torch.tensor([self.reward_fn(text, tasks[i // G]) for i, text in enumerate(rollout.texts)])
         correct = [score_task(text, tasks[i // G]) for i, text in enumerate(rollout.texts)]
-        advantages, has_signal = grpo_advantages(rewards, G)
+        advantages, has_signal = grpo_advantages(rewards, G, scale=self.cfg.scale_advantages)
         if self.curriculum is not None:
             self.curriculum.update([tasks[i // G]["family"] for i in range(len(correct))], correct)
         self.groups_total += len(tasks)
@@ -169,7 +169,7 @@ class GRPOStage:
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         logprobs, mask = response_token_logprobs(model, batch["ids"], batch["response_mask"])
         loss, stats = grpo_loss(logprobs, batch["old_logprobs"], batch["ref_logprobs"], batch["advantages"].to(logprobs.device),
-                                mask, self.cfg.clip_eps, self.cfg.kl_coef)
+                                mask, self.cfg.clip_eps, self.cfg.kl_coef, self.cfg.loss_norm, self.cfg.max_new_tokens)
         return loss, {**stats, **batch["stats"], "groups_dropped_total": float(self.groups_dropped)}
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
