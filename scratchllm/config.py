@@ -203,6 +203,13 @@ class SFTConfig:
     pretrain_seq_len: int = 128
     pretrain_weight: float = 1.0  # weight of their loss beside the assistant-token loss
     pretrain_data: str = "corpus/pretrain"  # holds train/ and val/ *.txt
+    # "chat": sft_train.jsonl (conversations, half of them tasks). "tasks": every tasks_train.jsonl question with
+    # its canonical reply, a drill for the verifiable tasks (docs/grpo.md: how long until the model reads them).
+    train_data: str = "chat"
+
+    def __post_init__(self) -> None:
+        if self.train_data not in ("chat", "tasks"):
+            raise ConfigError(f"--sft.train_data must be chat or tasks, got {self.train_data!r}")
 
 
 @dataclass

@@ -1,17 +1,22 @@
 """Seeded generators of verifiable tasks (English and Chinese) that a small model can partly learn, once it has
-been pretrained enough to read its prompt (docs/grpo.md: the 5-minute CPU model has not).
+seen enough of them to read its prompt (docs/grpo.md: the 15-minute pipeline's SFT is not enough; a longer drill is).
 
 Canonical reply, one per language (the verifiers in train/rewards.py read the answer only from here):
 
     English: "The answer is X."        Chinese: "答案是 X。"
 
 X is Arabic digits for numeric answers ("42", "-3"), "a, b, c" (comma + space) for lists, and Chinese
-numerals ("一百二十三") only in the `zh_numeral` family's digits -> characters direction. Numbers and lists
-are kept small and answers short, because the model is tiny and sees a few thousand examples.
+numerals ("一百二十三") only in the `zh_numeral` family's digits -> characters direction.
+
+Operands are single digits (0-9; 0-20 for next_number, remainder and zh_numeral). The tokenizer gives each
+digit its own token, so reading such an operand is attending to one token of the prompt; a two-digit operand
+has to be copied as a pair in order, the induction skill the CPU model does not have (docs/grpo.md: copy
+accuracy 0.000). With single digits a ~1,200-step task drill (`--sft.train_data=tasks`) makes the CPU model
+read its prompt (held-out compare 0.875, sort 0.625, against 0.100 and 0.000 for never reading).
 
 Families (each with several templates per language, so no single wording can be memorised):
 add, subtract, multiply, two_step (a + b - c), compare (larger/smaller), count_letters, reverse (3-4
-letters or words), sort (3-4 numbers), units (m<->cm, kg<->g, h<->min, min<->s, week<->day),
+letters or words), sort (3 numbers), units (m<->cm, kg<->g, h<->min, min<->s, week<->day),
 zh_numeral (一百二十三 <-> 123), next_number (the number after / before n), remainder (n mod 2).
 
 Same seed, same items: `generate_tasks(n, seed)` is a pure function of its arguments.
@@ -75,6 +80,11 @@ def from_chinese_numeral(text: str) -> int | None:
     return total + current
 
 
+def task_conversation(task: dict[str, Any]) -> dict[str, Any]:
+    """A task as an SFT conversation: its prompt, then the canonical reply with its answer."""
+    return {"messages": [*task["prompt"], {"role": "assistant", "content": canonical_reply(task["answer"], task["lang"])}]}
+
+
 def question_key(text: str) -> str:
     """Normalised question text used to dedupe splits: case-folded, whitespace collapsed."""
     return re.sub(r"\s+", " ", text).strip().casefold()
@@ -94,16 +104,15 @@ def _pick(rng: random.Random, lang: str, en: list[str], zh: list[str]) -> str:
 
 
 def _add(rng: random.Random, lang: str) -> tuple[str, str, str]:
-    # 1-2 digit operands, mostly small: sums up to 40 keep the answer one or two tokens.
-    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    a, b = rng.randint(0, 9), rng.randint(0, 9)  # one digit each: see the module docstring
     en = [f"What is {a} + {b}?", f"Add {a} and {b}.", f"Compute {a} plus {b}.", f"What is the sum of {a} and {b}?"]
     zh = [f"{a} 加 {b} 等于多少？", f"计算 {a} + {b}。", f"{a} 和 {b} 的和是多少？", f"请算一下 {a} 加上 {b}。"]
     return _pick(rng, lang, en, zh), str(a + b), "math"
 
 
 def _subtract(rng: random.Random, lang: str) -> tuple[str, str, str]:
-    a = rng.randint(1, 30)
-    b = rng.randint(0, min(a, 20))  # never negative: one less thing for a tiny model to learn
+    a = rng.randint(1, 9)
+    b = rng.randint(0, a)  # never negative: one less thing for a tiny model to learn
     en = [f"What is {a} - {b}?", f"Subtract {b} from {a}.", f"Compute {a} minus {b}.", f"What is {a} take away {b}?"]
     zh = [f"{a} 减 {b} 等于多少？", f"计算 {a} - {b}。", f"{a} 减去 {b} 是多少？", f"从 {a} 里减掉 {b} 还剩多少？"]
     return _pick(rng, lang, en, zh), str(a - b), "math"
@@ -125,7 +134,7 @@ def _two_step(rng: random.Random, lang: str) -> tuple[str, str, str]:
 
 
 def _compare(rng: random.Random, lang: str) -> tuple[str, str, str]:
-    a, b = rng.sample(range(0, 100), 2)
+    a, b = rng.sample(range(0, 10), 2)
     if rng.random() < 0.5:
         en = [f"Which is larger, {a} or {b}?", f"Which number is bigger: {a} or {b}?", f"Which is greater, {a} or {b}?"]
         zh = [f"{a} 和 {b} 哪个更大？", f"{a} 与 {b} 中较大的数是哪个？", f"{a} 和 {b}，哪个数大？"]
@@ -165,7 +174,7 @@ def _reverse(rng: random.Random, lang: str) -> tuple[str, str, str]:
 
 
 def _sort(rng: random.Random, lang: str) -> tuple[str, str, str]:
-    nums = rng.sample(range(0, 20), rng.randint(3, 4))
+    nums = rng.sample(range(0, 10), 3)
     listed = ", ".join(map(str, nums))
     en = [f"Sort these numbers from smallest to largest: {listed}", f"Put in increasing order: {listed}",
           f"Sort in ascending order: {listed}"]
@@ -180,7 +189,7 @@ UNITS = [("meter", "meters", "米", "centimeters", "厘米", 100), ("kilogram", 
 
 
 def _units(rng: random.Random, lang: str) -> tuple[str, str, str]:
-    n = rng.randint(1, 12)
+    n = rng.randint(1, 9)
     big, bigs, big_zh, small, small_zh, factor = rng.choice(UNITS)
     big_en = big if n == 1 else bigs
     if rng.random() < 0.6:  # big -> small: multiply
@@ -194,7 +203,7 @@ def _units(rng: random.Random, lang: str) -> tuple[str, str, str]:
 
 
 def _zh_numeral(rng: random.Random, lang: str) -> tuple[str, str, str]:
-    n = rng.randint(0, 99) if rng.random() < 0.7 else rng.randint(100, 999)
+    n = rng.randint(0, 20)
     zh_n = to_chinese_numeral(n)
     if rng.random() < 0.5:
         en = [f"Write the Chinese numeral {zh_n} in digits.", f"What number is {zh_n}?", f"Convert {zh_n} to digits."]
@@ -206,7 +215,7 @@ def _zh_numeral(rng: random.Random, lang: str) -> tuple[str, str, str]:
 
 
 def _next_number(rng: random.Random, lang: str) -> tuple[str, str, str]:
-    n = rng.randint(1, 99)
+    n = rng.randint(1, 19)
     if rng.random() < 0.6:
         en = [f"What number comes after {n}?", f"What is the next number after {n}?", f"Count on by one from {n}."]
         zh = [f"{n} 的下一个数是多少？", f"{n} 后面的数是几？", f"比 {n} 大 1 的数是多少？"]
@@ -217,10 +226,9 @@ def _next_number(rng: random.Random, lang: str) -> tuple[str, str, str]:
 
 
 def _remainder(rng: random.Random, lang: str) -> tuple[str, str, str]:
-    # n mod 2: the answer is 0 or 1 and depends on the last digit only. A ~5M model already answers with small
-    # numbers, so its GRPO groups hold both outcomes from the start and there is a rule to learn, not only a
-    # distribution to sharpen (the other families need it to read and copy numbers, which it cannot yet).
-    n = rng.randint(0, 99)
+    # n mod 2: the answer is 0 or 1 and depends on the last digit only, so GRPO's groups hold both outcomes
+    # from the start and there is a rule to learn, not only a distribution to sharpen.
+    n = rng.randint(0, 20)
     en = [f"What is the remainder when {n} is divided by 2?", f"What is {n} mod 2?", f"What is left over when {n} is divided by 2?"]
     zh = [f"{n} 除以 2 的余数是多少？", f"{n} 除以 2 余几？", f"计算 {n} 除以 2 的余数。"]
     return _pick(rng, lang, en, zh), str(n % 2), "math"

@@ -21,6 +21,7 @@ from scratchllm.config import LoopConfig, OptimConfig, SFTConfig
 from scratchllm.data.batches import LMWindows, sequential_windows
 from scratchllm.data.chat_batches import EpochStream, render_sft, sft_batch
 from scratchllm.data.jsonl import read_conversations, read_tasks
+from scratchllm.data.tasks import task_conversation
 from scratchllm.eval.chat_eval import end_of_reply_rate, task_pass_at_1
 from scratchllm.eval.metrics import evaluate_lm, token_byte_lengths
 from scratchllm.model.lora import maybe_inject_lora, save_final_model
@@ -111,7 +112,10 @@ def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overri
     stage_dir = Path(run_root) / "sft"
     sections = resolve_sections(base_sections(DEFAULT_LOOP, DEFAULT_OPTIM, sft=SFTConfig()), overrides)
     data_dir = Path(data_dir)
-    train_convs = read_conversations(data_dir / "sft_train.jsonl")  # validated before any compute
+    if sections["sft"].train_data == "tasks":  # validated before any compute
+        train_convs = [task_conversation(t) for t in read_tasks(data_dir / "tasks_train.jsonl")]
+    else:
+        train_convs = read_conversations(data_dir / "sft_train.jsonl")
     val_convs = read_conversations(data_dir / "sft_val.jsonl")
     val_tasks = read_tasks(data_dir / "tasks_val.jsonl")[: sections["sft"].eval_tasks]
     model, tok, _ = load_model(init)

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from scratchllm.config import GRPOConfig, PPOConfig
+from scratchllm.config import ConfigError, GRPOConfig, PPOConfig, SFTConfig
 from scratchllm.data.jsonl import read_preferences, read_tasks
+from scratchllm.data.tasks import canonical_reply, task_conversation
 from scratchllm.model.heads import ScalarModel, load_scalar_model
 from scratchllm.train.checkpoint import load_model
 from scratchllm.train.stages import dpo, grpo, ppo, pretrain, reward, sft
@@ -163,3 +164,17 @@ def test_pretrain_help_lists_init(capsys) -> None:
     with pytest.raises(SystemExit):
         pretrain.main(["--help"])
     assert re.search(r"^\s+--init INIT\b", capsys.readouterr().out, re.M)  # an option, not just the description
+
+
+def test_sft_task_drill_trains_on_canonical_task_replies(tiny_world, tmp_path) -> None:
+    data, base = tiny_world
+    task = read_tasks(data / "tasks_train.jsonl")[0]
+    conv = task_conversation(task)
+    assert conv["messages"][:-1] == task["prompt"]
+    assert conv["messages"][-1] == {"role": "assistant", "content": canonical_reply(task["answer"], task["lang"])}
+    sft.run(tmp_path, base, data, FAST + SFT_ARGS[:3] + ["--loop.max_steps=30", "--sft.train_data=tasks",
+                                                        "--sft.pretrain_rows=0", "--sft.eval_tasks=22"])
+    before, after = first_and_last_eval(tmp_path / "sft")
+    assert after["val_loss"] < before["val_loss"] - 1.0  # sft_val is half tasks: their replies are learned
+    with pytest.raises(ConfigError, match="train_data"):
+        SFTConfig(train_data="tasks_train.jsonl")
