@@ -29,7 +29,7 @@ def sft_model(tiny_world, tmp_path_factory) -> tuple[Path, Path]:
     return root, data
 
 
-SFT_ARGS = ["--loop.max_steps=60", "--loop.batch_size=16", "--optim.lr=3e-3", "--sft.eval_prompts=16", "--sft.eval_tasks=22",
+SFT_ARGS = ["--loop.max_steps=80", "--loop.batch_size=16", "--optim.lr=3e-3", "--sft.eval_prompts=16", "--sft.eval_tasks=22",
             "--sft.pretrain_seq_len=64"]
 
 
