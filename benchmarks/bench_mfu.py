@@ -292,14 +292,20 @@ def print_training(result: dict) -> None:
           f"clip {s['grad_clip']}, compile={s['compile']}, warm-up {s['warmup']} + {s['steps']} timed steps (median)")
     print(f"measured peak: {result['peak_flops'] / 1e12:.2f} TFLOP/s "
           f"({result['peak_dtype']} {result['peak_matmul_n']}^3 matmul, median)")
-    print(f"{'model':<22} {'params':>9} {'N (6N)':>9} {'step ms':>9} {'tokens/s':>11} {'MFU %':>7} {'vs ours':>8}")
-    for r in result["models"]:
-        if r.get("error"):
-            print(f"{r['label']:<22} failed: {r['error']}")
-            continue
+    def row(r: dict) -> str:
         ratio = f"{r['ratio_to_ours']:.2f}" if r["ratio_to_ours"] is not None else "-"
-        print(f"{r['label']:<22} {r['params'] / 1e6:8.2f}M {r['matmul_params'] / 1e6:8.2f}M "
-              f"{r['step_ms_median']:9.1f} {r['tokens_per_s']:11,.0f} {100 * r['mfu']:7.2f} {ratio:>8}")
+        return (f"{r['label']:<22} {r['params'] / 1e6:8.2f}M {r['matmul_params'] / 1e6:8.2f}M "
+                f"{r['step_ms_median']:9.1f} {r['tokens_per_s']:11,.0f} {100 * r['mfu']:7.2f} {ratio:>8}")
+
+    print_rows(result["models"], f"{'model':<22} {'params':>9} {'N (6N)':>9} {'step ms':>9} {'tokens/s':>11} "
+               f"{'MFU %':>7} {'vs ours':>8}", lambda r: f"{r['label']:<22}", row)
+
+
+def print_rows(rows: list[dict], header: str, name: Callable[[dict], str], row: Callable[[dict], str]) -> None:
+    """A table of result rows; a row that failed prints its name and the error instead of figures."""
+    print(header)
+    for r in rows:
+        print(f"{name(r)} failed: {r['error']}" if r.get("error") else row(r))
 
 
 def run_decode(args: argparse.Namespace, device: torch.device) -> dict:
@@ -373,13 +379,11 @@ def print_decode(result: dict) -> None:
     print(f"device: {result['device']}   torch {result['torch']}")
     print(f"settings: preset {s['preset']}, {s['dtype']}, greedy, prompt {s['prompt_len']}, "
           f"{s['new_tokens']} new tokens; ours uses its KV cache, eager")
-    print(f"{'model':<30} {'batch':>5} {'tokens':>7} {'seconds':>8} {'tokens/s':>11} {'same as ours':>12}")
-    for r in result["models"]:
-        if r.get("error"):
-            print(f"{r['model']:<30} {r['batch']:>5} failed: {r['error']}")
-            continue
-        print(f"{r['model']:<30} {r['batch']:>5} {r['new_tokens']:>7} {r['seconds_median']:8.3f} "
-              f"{r['tokens_per_s']:11,.0f} {format(r['first_row_agreement'] or 0, '12.0%')}")
+    print_rows(result["models"],
+               f"{'model':<30} {'batch':>5} {'tokens':>7} {'seconds':>8} {'tokens/s':>11} {'same as ours':>12}",
+               lambda r: f"{r['model']:<30} {r['batch']:>5}",
+               lambda r: (f"{r['model']:<30} {r['batch']:>5} {r['new_tokens']:>7} {r['seconds_median']:8.3f} "
+                          f"{r['tokens_per_s']:11,.0f} {format(r['first_row_agreement'] or 0, '12.0%')}"))
 
 
 def main() -> None:
