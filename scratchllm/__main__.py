@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ppo": ("scratchllm.train.stages.ppo", "RLHF with PPO against the reward model"),
     "grpo": ("scratchllm.train.stages.grpo", "GRPO with verifiable rewards"),
     "distill": ("scratchllm.train.stages.distill", "knowledge distillation from a teacher checkpoint"),
+    "eval-tasks": ("scratchllm.eval.tasks_cli", "held-out task pass@1 of checkpoints, paired (won, lost, McNemar p)"),
     "pipeline": ("scratchllm.pipeline", "run every stage end to end and write a report"),
     "generate": ("scratchllm.infer.generate_cli", "generate text from a checkpoint"),
     "chat": ("scratchllm.infer.chat_cli", "interactive multi-turn chat with a checkpoint"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,8 @@ def test_toy_pipeline_end_to_end_and_resumes(tmp_path: Path, capsys) -> None:
     for stage, row in comparison.items():
         for key in ("val_bpb", "copy_accuracy", "end_rate", "pass_at_1", "learned_reward", "gold_score", "kl_to_sft"):
             assert isinstance(row[key], float) and math.isfinite(row[key]), (stage, key)
+        if stage != "sft":  # paired with SFT's answers on the same tasks: "+won −lost, p=…"
+            assert re.fullmatch(r"\+\d+ −\d+, p=\S+", row["pass_at_1_vs_sft"]), (stage, row["pass_at_1_vs_sft"])
     report = (root / "report.md").read_text()
     for _, label, _ in COMPARISON_ROWS:
         assert label in report

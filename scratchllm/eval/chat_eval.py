@@ -53,16 +53,25 @@ def end_of_reply_rate(model: nn.Module, tok: Tokenizer, conversations: list[dict
     return sum(ended for _, ended in replies) / max(len(replies), 1)
 
 
-def task_pass_at_1(model: nn.Module, tok: Tokenizer, tasks: list[dict[str, Any]], max_new_tokens: int = 24) -> dict[str, float]:
-    """Greedy pass@1 overall and per family: {"pass_at_1": …, "pass_at_1/add": …}."""
+def task_scores(model: nn.Module, tok: Tokenizer, tasks: list[dict[str, Any]], max_new_tokens: int = 24) -> list[float]:
+    """Greedy reply to each task, scored by its verifier (1.0 right, 0.0 wrong), in task order."""
     replies = generate_replies(model, tok, [t["prompt"] for t in tasks], max_new_tokens)
+    return [score_task(reply, task) for task, (reply, _) in zip(tasks, replies)]
+
+
+def pass_at_1_by_family(tasks: list[dict[str, Any]], scores: list[float]) -> dict[str, float]:
+    """{"pass_at_1": overall mean, "pass_at_1/<family>": each family's mean} from per-task scores."""
     by_family: dict[str, list[float]] = defaultdict(list)
-    for task, (reply, _) in zip(tasks, replies):
-        by_family[task["family"]].append(score_task(reply, task))
-    scores = [s for family in by_family.values() for s in family]
+    for task, score in zip(tasks, scores):
+        by_family[task["family"]].append(score)
     result = {"pass_at_1": sum(scores) / max(len(scores), 1)}
     result.update({f"pass_at_1/{f}": sum(v) / len(v) for f, v in sorted(by_family.items())})
     return result
+
+
+def task_pass_at_1(model: nn.Module, tok: Tokenizer, tasks: list[dict[str, Any]], max_new_tokens: int = 24) -> dict[str, float]:
+    """Greedy pass@1 overall and per family: {"pass_at_1": …, "pass_at_1/add": …}."""
+    return pass_at_1_by_family(tasks, task_scores(model, tok, tasks, max_new_tokens))
 
 
 def task_sampled_pass_at_1(

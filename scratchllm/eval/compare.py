@@ -1,6 +1,7 @@
 """Measure every checkpoint of a run on the same held-out sets: the pipeline's comparison table.
 
-Rows: validation bits-per-byte, in-context copy accuracy, end-of-reply rate, task pass@1 (greedy), reward-model accuracy, learned
+Rows: validation bits-per-byte, in-context copy accuracy, end-of-reply rate, task pass@1 (greedy) and its paired
+change against SFT's (tasks won, lost, exact McNemar p: eval/significance.py), reward-model accuracy, learned
 reward and gold-judge score of held-out replies, KL to SFT. Columns: pretrain, SFT, DPO, PPO, GRPO, and a
 "reference" column: the task pass@1 of answering without reading the question.
 """
@@ -18,9 +19,11 @@ from scratchllm.eval.chat_eval import (
     constant_answer_pass_at_1,
     end_of_reply_rate,
     generate_replies,
-    task_pass_at_1,
+    pass_at_1_by_family,
+    task_scores,
 )
 from scratchllm.eval.metrics import copy_accuracy, evaluate_lm, token_byte_lengths
+from scratchllm.eval.significance import paired_change
 from scratchllm.model.heads import load_scalar_model
 from scratchllm.train.checkpoint import load_model
 from scratchllm.train.loop import resolve_device
@@ -29,7 +32,7 @@ from scratchllm.train.loop import resolve_device
 @torch.no_grad()
 def compare_checkpoints(
     checkpoints: dict[str, Path], reward_model: Path, data_dir: Path, quick: bool = False, device: str = "auto"
-) -> dict[str, dict[str, float | None]]:
+) -> dict[str, dict[str, float | str | None]]:
     dev = resolve_device(device)
     n_val_convs, n_tasks, n_prefs, n_windows = (16, 22, 16, 2) if quick else (100, 480, 100, 16)
     convs = read_conversations(data_dir / "chat" / "sft_val.jsonl")[:n_val_convs]
@@ -43,7 +46,8 @@ def compare_checkpoints(
         import json
 
         rm_accuracy = json.loads(summary.read_text())["summary"].get("rm_accuracy")
-    results: dict[str, dict[str, float | None]] = {}
+    results: dict[str, dict[str, float | str | None]] = {}
+    scores_by_stage: dict[str, list[float]] = {}
     val_tokens_cache: dict[str, Any] = {}
     for stage, path in checkpoints.items():
         model, tok, _ = load_model(path, dev)
@@ -63,7 +67,8 @@ def compare_checkpoints(
         row["val_bpb"] = evaluate_lm(model, windows, token_byte_lengths(tok, tok.vocab_size))["val_bpb"]
         row["copy_accuracy"] = copy_accuracy(model, min(tok.special_by_id))  # specials sit after the merges
         row["end_rate"] = end_of_reply_rate(model, tok, convs)
-        row["pass_at_1"] = task_pass_at_1(model, tok, tasks)["pass_at_1"]
+        scores_by_stage[stage] = task_scores(model, tok, tasks)
+        row["pass_at_1"] = pass_at_1_by_family(tasks, scores_by_stage[stage])["pass_at_1"]
         row["rm_accuracy"] = rm_accuracy if stage == "sft" else None
         if rm is not None and sft is not None:
             from scratchllm.train.stages.ppo import score_replies
@@ -74,6 +79,11 @@ def compare_checkpoints(
             row["kl_to_sft"] = scored["kl_to_sft"]
         results[stage] = row
         print(f"[compare] {stage}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float)))
+    if "sft" in scores_by_stage:  # same tasks, same greedy decoding: the change is paired task by task
+        for stage, scores in scores_by_stage.items():
+            if stage != "sft":
+                change = paired_change(scores_by_stage["sft"], scores)
+                results[stage]["pass_at_1_vs_sft"] = f"+{change.won} −{change.lost}, p={change.p_value:.2g}"
     # What reading nothing scores: each task answered with its family's commonest answer in the training split.
     train_tasks = read_tasks(data_dir / "chat" / "tasks_train.jsonl")
     results["reference"] = {"pass_at_1": constant_answer_pass_at_1(train_tasks, tasks)}

@@ -20,6 +20,8 @@ COMPARISON_ROWS: list[tuple[str, str, str]] = [
     ("end_rate", "end-of-reply rate", "share of held-out chat prompts whose reply ends with <|im_end|>"),
     ("pass_at_1", "verifiable-task pass@1", "greedy decoding on the held-out task split; reference: each "
      "family's commonest training answer, question unread"),
+    ("pass_at_1_vs_sft", "pass@1 change vs SFT", "held-out tasks won (wrong for SFT, right here) and lost; exact "
+     "McNemar p: small means the change is not the luck of this task set (a second seed tests training noise)"),
     ("rm_accuracy", "reward-model pair accuracy", "held-out preference pairs ranked correctly"),
     ("learned_reward", "learned reward (mean)", "reward model score of greedy replies to held-out prompts"),
     ("gold_score", "gold-judge score (mean)", "rule-based judge the preference data was built from"),
@@ -113,7 +115,7 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def comparison_table(comparison: dict[str, dict[str, float | None]]) -> str:
+def comparison_table(comparison: dict[str, dict[str, float | str | None]]) -> str:
     """Markdown table: rows are metrics, columns are stages, all on the same held-out sets."""
     columns = [s for s in STAGE_COLUMNS if s in comparison]
     lines = [
@@ -144,7 +146,7 @@ def before_after_table(run_dir: Path, stages: list[str]) -> str:
 
 def write_report(
     run_dir: Path,
-    comparison: dict[str, dict[str, float | None]],
+    comparison: dict[str, dict[str, float | str | None]],
     stage_summaries: dict[str, dict[str, Any]],
     chat_commands: list[str],
 ) -> Path:

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from scratchllm.config import GRPOConfig, LoopConfig, OptimConfig
 from scratchllm.data.chat_batches import pad_right
 from scratchllm.data.jsonl import read_tasks
-from scratchllm.eval.chat_eval import task_pass_at_1, task_sampled_pass_at_1
+from scratchllm.eval.chat_eval import pass_at_1_by_family, task_sampled_pass_at_1, task_scores
+from scratchllm.eval.significance import paired_change
 from scratchllm.infer.sampling import SamplingParams
 from scratchllm.model.lora import maybe_inject_lora, save_final_model
 from scratchllm.tokenizer.bpe import Tokenizer
@@ -88,6 +89,7 @@ class GRPOStage:
         self.position = 0  # rollout batches drawn so far (resumable state)
         self.groups_total = self.groups_dropped = 0
         self.policy: nn.Module | None = None
+        self.first_scores: list[float] | None = None  # held-out greedy scores at the first evaluation (step 0)
         self.curriculum = FamilyCurriculum(train_tasks, cfg.curriculum_decay, cfg.curriculum_floor) if cfg.curriculum else None
 
     def batches(self, split: str) -> Iterator[dict[str, Any]]:
@@ -173,7 +175,14 @@ class GRPOStage:
         return loss, {**stats, **batch["stats"], "groups_dropped_total": float(self.groups_dropped)}
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        result = task_pass_at_1(model, self.tok, self.val_tasks, self.cfg.max_new_tokens)
+        scores = task_scores(model, self.tok, self.val_tasks, self.cfg.max_new_tokens)
+        result = pass_at_1_by_family(self.val_tasks, scores)
+        if self.first_scores is None:
+            self.first_scores = scores
+        else:  # paired with the first evaluation, task by task: is the greedy change beyond this task set's luck?
+            change = paired_change(self.first_scores, scores)
+            result |= {"pass_at_1_won": float(change.won), "pass_at_1_lost": float(change.lost),
+                       "pass_at_1_p": change.p_value}
         if self.cfg.eval_samples > 0:  # what GRPO optimises: the sampling policy's accuracy, on held-out tasks
             result |= task_sampled_pass_at_1(model, self.tok, self.val_tasks[: self.cfg.sampled_eval_tasks],
                                              self.cfg.eval_samples, self.cfg.temperature, self.cfg.max_new_tokens, seed=self.seed)
@@ -183,13 +192,15 @@ class GRPOStage:
         return result
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"position": self.position, "groups_total": self.groups_total, "groups_dropped": self.groups_dropped}
+        state = {"position": self.position, "groups_total": self.groups_total, "groups_dropped": self.groups_dropped,
+                 "first_scores": self.first_scores}
         if self.curriculum is not None:
             state["curriculum"] = self.curriculum.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.position, self.groups_total, self.groups_dropped = state["position"], state["groups_total"], state["groups_dropped"]
+        self.first_scores = state.get("first_scores")  # absent in checkpoints written before it was kept
         if self.curriculum is not None and "curriculum" in state:
             self.curriculum.load_state_dict(state["curriculum"])
 
