@@ -20,6 +20,9 @@ import torch
 from scratchllm.train.stages import distill, pretrain
 
 DEFAULT_TEACHER = Path("runs/default/pretrain/final")
+# The student: `mini` narrowed to d_model 128 × 4 layers, 4 heads / 2 KV heads (every head count spelled out, so a
+# change to the preset's own heads cannot make the shape invalid).
+DEFAULT_STUDENT = ["--model.d_model=128", "--model.n_layers=4", "--model.n_heads=4", "--model.n_kv_heads=2"]
 
 
 def get_teacher(arg: Path | None, out: Path, teacher_time_s: float) -> Path:
@@ -43,7 +46,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--student", nargs="*", default=["--model.d_model=128", "--model.n_layers=4", "--model.n_heads=4"],
+    parser.add_argument("--student", nargs="*", default=DEFAULT_STUDENT,
                         help="--model.* overrides of the mini preset that shape the student")
     parser.add_argument("--out", type=Path, default=None, help="work directory (default: a temporary one)")
     args = parser.parse_args()

@@ -75,3 +75,19 @@ def test_grpo_config_validation_names_the_flag() -> None:
                          ({"curriculum_floor": 0.0}, "--grpo.curriculum_floor"), ({"eval_samples": -1}, "--grpo.eval_samples")):
         with pytest.raises(ConfigError, match=flag):
             GRPOConfig(**kwargs)
+
+
+def test_benchmark_distill_default_student_is_a_valid_shape_of_the_current_mini() -> None:
+    # The benchmark's student is `mini` with overrides; when `mini` changed its head counts, the old overrides
+    # (n_heads 4 against the preset's 6 KV heads) stopped the benchmark before it trained anything.
+    import importlib.util
+    from pathlib import Path
+
+    from scratchllm.config import apply_overrides, model_preset
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_distill.py"
+    spec = importlib.util.spec_from_file_location("bench_distill", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    student = apply_overrides({"model": model_preset("mini", vocab_size=4096)}, module.DEFAULT_STUDENT)["model"]
+    assert (student.d_model, student.n_layers, student.n_heads, student.n_kv_heads) == (128, 4, 4, 2)
