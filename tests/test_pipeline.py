@@ -34,6 +34,8 @@ def test_toy_pipeline_end_to_end_and_resumes(tmp_path: Path, capsys) -> None:
     report = (root / "report.md").read_text()
     for _, label, _ in COMPARISON_ROWS:
         assert label in report
+    families = {k.split("/")[1] for k in comparison["grpo"] if k.startswith("pass_at_1/")}
+    assert families and all(f"| {family} |" in report for family in families)  # the per-family table
     assert (root / "pretrain_curves.png").exists() and (root / "sft_curves.png").exists()
     assert "scratchllm chat --checkpoint" in capsys.readouterr().out
     # A second invocation skips every finished stage.

@@ -68,7 +68,7 @@ def compare_checkpoints(
         row["copy_accuracy"] = copy_accuracy(model, min(tok.special_by_id))  # specials sit after the merges
         row["end_rate"] = end_of_reply_rate(model, tok, convs)
         scores_by_stage[stage] = task_scores(model, tok, tasks)
-        row["pass_at_1"] = pass_at_1_by_family(tasks, scores_by_stage[stage])["pass_at_1"]
+        row.update(pass_at_1_by_family(tasks, scores_by_stage[stage]))  # "pass_at_1" and "pass_at_1/<family>"
         row["rm_accuracy"] = rm_accuracy if stage == "sft" else None
         if rm is not None and sft is not None:
             from scratchllm.train.stages.ppo import score_replies
@@ -78,7 +78,7 @@ def compare_checkpoints(
             row["learned_reward"], row["gold_score"] = scored["learned_reward"], scored["gold_score"]
             row["kl_to_sft"] = scored["kl_to_sft"]
         results[stage] = row
-        print(f"[compare] {stage}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float)))
+        print(f"[compare] {stage}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float) and "/" not in k))
     if "sft" in scores_by_stage:  # same tasks, same greedy decoding: the change is paired task by task
         for stage, scores in scores_by_stage.items():
             if stage != "sft":
@@ -87,4 +87,7 @@ def compare_checkpoints(
     # What reading nothing scores: each task answered with its family's commonest answer in the training split.
     train_tasks = read_tasks(data_dir / "chat" / "tasks_train.jsonl")
     results["reference"] = {"pass_at_1": constant_answer_pass_at_1(train_tasks, tasks)}
+    for family in sorted({t["family"] for t in tasks}):
+        results["reference"][f"pass_at_1/{family}"] = constant_answer_pass_at_1(
+            train_tasks, [t for t in tasks if t["family"] == family])
     return results

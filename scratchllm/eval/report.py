@@ -128,6 +128,20 @@ def comparison_table(comparison: dict[str, dict[str, float | str | None]]) -> st
     return "\n".join(lines)
 
 
+def family_table(comparison: dict[str, dict[str, float | str | None]]) -> str:
+    """Markdown table of held-out task pass@1 per family (rows) and stage (columns), with the reading-nothing
+    reference: whether a stage's gain is reading or a better guess shows family by family."""
+    columns = [s for s in STAGE_COLUMNS if s in comparison]
+    families = sorted({k.split("/", 1)[1] for row in comparison.values() for k in row if k.startswith("pass_at_1/")})
+    if not families:
+        return ""
+    lines = ["| family | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for family in families:
+        cells = [_fmt(comparison[stage].get(f"pass_at_1/{family}")) for stage in columns]
+        lines.append(f"| {_cell(family)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def before_after_table(run_dir: Path, stages: list[str]) -> str:
     """Markdown table of each stage's own held-out metrics at its first and last evaluation (step 0 = the model
     it started from), headline keys only (per-family breakdowns stay in metrics.jsonl)."""
@@ -155,6 +169,11 @@ def write_report(
     plots = plot_stage_curves(run_dir, stages, run_dir)
     lines = [f"# scratchllm run report: `{run_dir.name}`", ""]
     lines += ["## Comparison on the same held-out sets", "", comparison_table(comparison), ""]
+    families = family_table(comparison)
+    if families:
+        lines += ["## Task pass@1 by family", "",
+                  "Greedy, on the same held-out tasks; reference: each family's commonest training answer.", "",
+                  families, ""]
     lines += ["## Stages", "", "| stage | time (s) | headline |", "|---|---:|---|"]
     for stage, summary in stage_summaries.items():
         headline = ", ".join(

@@ -27,3 +27,15 @@ def test_before_after_table_reads_each_stages_first_and_last_evaluation(tmp_path
     (tmp_path / "grpo" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     table = before_after_table(tmp_path, ["grpo", "ppo"])  # ppo has no metrics: left out
     assert table.splitlines()[2:] == ["| grpo | pass_at_1 | 0.100 | 0.250 |"]  # per-family keys stay in the jsonl
+
+
+def test_family_table_puts_each_familys_pass_at_1_beside_the_reference() -> None:
+    from scratchllm.eval.report import family_table
+
+    comparison = {"sft": {"pass_at_1": 0.2, "pass_at_1/add": 0.1, "pass_at_1/sort": 0.3},
+                  "grpo": {"pass_at_1": 0.3, "pass_at_1/add": 0.5, "pass_at_1/sort": 0.1},
+                  "reference": {"pass_at_1": 0.1, "pass_at_1/add": 0.05, "pass_at_1/sort": 0.0}}
+    assert family_table(comparison).splitlines() == [
+        "| family | sft | grpo | reference |", "|---|---:|---:|---:|",
+        "| add | 0.100 | 0.500 | 0.050 |", "| sort | 0.300 | 0.100 | 0.000 |"]
+    assert family_table({"sft": {"pass_at_1": 0.2}}) == ""  # no per-family numbers, no table
