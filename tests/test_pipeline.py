@@ -29,8 +29,9 @@ def test_toy_pipeline_end_to_end_and_resumes(tmp_path: Path, capsys) -> None:
     for stage, row in comparison.items():
         for key in ("val_bpb", "copy_accuracy", "end_rate", "pass_at_1", "learned_reward", "gold_score", "kl_to_sft"):
             assert isinstance(row[key], float) and math.isfinite(row[key]), (stage, key)
-        if stage != "sft":  # paired with SFT's answers on the same tasks: "+won −lost, p=…"
-            assert re.fullmatch(r"\+\d+ −\d+, p=\S+", row["pass_at_1_vs_sft"]), (stage, row["pass_at_1_vs_sft"])
+        if stage != "sft":  # paired with SFT's answers on the same prompts: "+won −lost, p=…"
+            for key in ("pass_at_1_vs_sft", "gold_vs_sft"):
+                assert re.fullmatch(r"\+\d+ −\d+, p=\S+", row[key]), (stage, key, row[key])
     report = (root / "report.md").read_text()
     for _, label, _ in COMPARISON_ROWS:
         assert label in report

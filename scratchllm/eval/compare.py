@@ -2,7 +2,7 @@
 
 Rows: validation bits-per-byte, in-context copy accuracy, end-of-reply rate, task pass@1 (greedy) and its paired
 change against SFT's (tasks won, lost, exact McNemar p: eval/significance.py), reward-model accuracy, learned
-reward and gold-judge score of held-out replies, KL to SFT. Columns: pretrain, SFT, DPO, PPO, GRPO, and a
+reward and gold-judge score of held-out replies (the gold score also paired with SFT's, prompt by prompt), KL to SFT. Columns: pretrain, SFT, DPO, PPO, GRPO, and a
 "reference" column: the task pass@1 of answering without reading the question.
 """
 
@@ -47,7 +47,8 @@ def compare_checkpoints(
 
         rm_accuracy = json.loads(summary.read_text())["summary"].get("rm_accuracy")
     results: dict[str, dict[str, float | str | None]] = {}
-    scores_by_stage: dict[str, list[float]] = {}
+    scores_by_stage: dict[str, list[float]] = {}  # per held-out task, 1 right / 0 wrong
+    gold_by_stage: dict[str, list[float]] = {}  # gold-judge score per held-out preference prompt
     val_tokens_cache: dict[str, Any] = {}
     for stage, path in checkpoints.items():
         model, tok, _ = load_model(path, dev)
@@ -71,19 +72,22 @@ def compare_checkpoints(
         row.update(pass_at_1_by_family(tasks, scores_by_stage[stage]))  # "pass_at_1" and "pass_at_1/<family>"
         row["rm_accuracy"] = rm_accuracy if stage == "sft" else None
         if rm is not None and sft is not None:
-            from scratchllm.train.stages.ppo import score_replies
+            from scratchllm.train.stages.ppo import gold_scores, score_replies
 
             replies = generate_replies(model, tok, [p["prompt"] for p in pairs], 32)
             scored = score_replies(model, sft, rm, tok, pairs, replies, dev)
+            gold_by_stage[stage] = gold_scores(pairs, replies)
             row["learned_reward"], row["gold_score"] = scored["learned_reward"], scored["gold_score"]
             row["kl_to_sft"] = scored["kl_to_sft"]
         results[stage] = row
         print(f"[compare] {stage}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float) and "/" not in k))
-    if "sft" in scores_by_stage:  # same tasks, same greedy decoding: the change is paired task by task
-        for stage, scores in scores_by_stage.items():
-            if stage != "sft":
-                change = paired_change(scores_by_stage["sft"], scores)
-                results[stage]["pass_at_1_vs_sft"] = f"+{change.won} −{change.lost}, p={change.p_value:.2g}"
+    # Same prompts, same greedy decoding: each stage's change is paired item by item with SFT's (eval/significance.py).
+    for key, per_item in (("pass_at_1_vs_sft", scores_by_stage), ("gold_vs_sft", gold_by_stage)):
+        if "sft" in per_item:
+            for stage, scores in per_item.items():
+                if stage != "sft":
+                    change = paired_change(per_item["sft"], scores)
+                    results[stage][key] = f"+{change.won} −{change.lost}, p={change.p_value:.2g}"
     # What reading nothing scores: each task answered with its family's commonest answer in the training split.
     train_tasks = read_tasks(data_dir / "chat" / "tasks_train.jsonl")
     results["reference"] = {"pass_at_1": constant_answer_pass_at_1(train_tasks, tasks)}

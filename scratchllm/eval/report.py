@@ -25,6 +25,8 @@ COMPARISON_ROWS: list[tuple[str, str, str]] = [
     ("rm_accuracy", "reward-model pair accuracy", "held-out preference pairs ranked correctly"),
     ("learned_reward", "learned reward (mean)", "reward model score of greedy replies to held-out prompts"),
     ("gold_score", "gold-judge score (mean)", "rule-based judge the preference data was built from"),
+    ("gold_vs_sft", "gold-judge change vs SFT", "held-out prompts whose reply the judge scores higher than SFT's, "
+     "and lower; exact sign-test p (small: not the luck of these prompts)"),
     ("kl_to_sft", "KL to SFT (nats/token)", "on the model's own greedy replies; 0 for SFT itself"),
 ]
 # "reference": what a policy that never reads the question scores (eval/compare.py), beside the stages.

@@ -144,6 +144,11 @@ class PPOStage:
 
 
 @torch.no_grad()
+def gold_scores(pairs: list, replies: list[tuple[str, bool]]) -> list[float]:
+    """The rule-based gold judge's score of each held-out reply (the rules the preference data was built from)."""
+    return [gold_score(p["prompt"], text, p.get("task"), ended) for p, (text, ended) in zip(pairs, replies)]
+
+
 def score_replies(policy: nn.Module, reference: nn.Module, reward_model: ScalarModel, tok: Tokenizer, pairs: list,
                   replies: list[tuple[str, bool]], device: torch.device) -> dict[str, float]:
     """Learned reward, gold-judge score, KL to the reference (nats/token) and end rate of held-out replies."""
@@ -162,7 +167,7 @@ def score_replies(policy: nn.Module, reference: nn.Module, reward_model: ScalarM
     learned = reward_model(ids, lengths)
     logp, m = response_token_logprobs(policy, ids, mask)
     ref_logp, _ = response_token_logprobs(reference, ids, mask)
-    gold = [gold_score(p["prompt"], text, p.get("task"), ended) for p, (text, ended) in zip(pairs, replies)]
+    gold = gold_scores(pairs, replies)
     return {
         "learned_reward": float(learned.mean()),
         "gold_score": sum(gold) / len(gold),
