@@ -143,12 +143,12 @@ class PPOStage:
         save_final_model(model.policy, self.tok, directory, self.sections)
 
 
-@torch.no_grad()
 def gold_scores(pairs: list, replies: list[tuple[str, bool]]) -> list[float]:
     """The rule-based gold judge's score of each held-out reply (the rules the preference data was built from)."""
     return [gold_score(p["prompt"], text, p.get("task"), ended) for p, (text, ended) in zip(pairs, replies)]
 
 
+@torch.no_grad()
 def score_replies(policy: nn.Module, reference: nn.Module, reward_model: ScalarModel, tok: Tokenizer, pairs: list,
                   replies: list[tuple[str, bool]], device: torch.device) -> dict[str, float]:
     """Learned reward, gold-judge score, KL to the reference (nats/token) and end rate of held-out replies."""
