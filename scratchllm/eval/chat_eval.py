@@ -100,3 +100,11 @@ def constant_answer_pass_at_1(train_tasks: list[dict[str, Any]], tasks: list[dic
     scores = [score_task(canonical_reply(by_family[t["family"]].most_common(1)[0][0], t["lang"]), t)
               if by_family[t["family"]] else 0.0 for t in tasks]
     return sum(scores) / max(len(scores), 1)
+
+
+def constant_answer_by_family(train_tasks: list[dict[str, Any]], tasks: list[dict[str, Any]]) -> dict[str, float]:
+    """`constant_answer_pass_at_1` with the keys of `pass_at_1_by_family`: overall and per family."""
+    families = sorted({t["family"] for t in tasks})
+    return {"pass_at_1": constant_answer_pass_at_1(train_tasks, tasks),
+            **{f"pass_at_1/{f}": constant_answer_pass_at_1(train_tasks, [t for t in tasks if t["family"] == f])
+               for f in families}}

@@ -1,9 +1,10 @@
 """Measure every checkpoint of a run on the same held-out sets: the pipeline's comparison table.
 
-Rows: validation bits-per-byte, in-context copy accuracy, end-of-reply rate, task pass@1 (greedy) and its paired
-change against SFT's (tasks won, lost, exact McNemar p: eval/significance.py), reward-model accuracy, learned
-reward and gold-judge score of held-out replies (the gold score also paired with SFT's, prompt by prompt), KL to SFT. Columns: pretrain, SFT, DPO, PPO, GRPO, and a
-"reference" column: the task pass@1 of answering without reading the question.
+Rows: validation bits-per-byte, in-context copy accuracy, end-of-reply rate, task pass@1 (greedy, overall and per
+family) and its paired change against SFT's (tasks won, lost, exact McNemar p: eval/significance.py),
+reward-model accuracy, learned reward and gold-judge score of held-out replies (the gold score also paired with
+SFT's, prompt by prompt), KL to SFT. Columns: pretrain, SFT, DPO, PPO, GRPO, and a "reference" column: the task
+pass@1 of answering without reading the question.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from scratchllm.data.batches import sequential_windows
 from scratchllm.data.jsonl import read_conversations, read_preferences, read_tasks
 from scratchllm.eval.chat_eval import (
-    constant_answer_pass_at_1,
+    constant_answer_by_family,
     end_of_reply_rate,
     generate_replies,
     pass_at_1_by_family,
@@ -90,8 +91,5 @@ def compare_checkpoints(
                     results[stage][key] = f"+{change.won} −{change.lost}, p={change.p_value:.2g}"
     # What reading nothing scores: each task answered with its family's commonest answer in the training split.
     train_tasks = read_tasks(data_dir / "chat" / "tasks_train.jsonl")
-    results["reference"] = {"pass_at_1": constant_answer_pass_at_1(train_tasks, tasks)}
-    for family in sorted({t["family"] for t in tasks}):
-        results["reference"][f"pass_at_1/{family}"] = constant_answer_pass_at_1(
-            train_tasks, [t for t in tasks if t["family"] == family])
+    results["reference"] = dict(constant_answer_by_family(train_tasks, tasks))
     return results

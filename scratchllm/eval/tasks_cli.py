@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from scratchllm.data.jsonl import read_tasks
-from scratchllm.eval.chat_eval import constant_answer_pass_at_1, pass_at_1_by_family, task_scores
+from scratchllm.eval.chat_eval import constant_answer_by_family, pass_at_1_by_family, task_scores
 from scratchllm.eval.significance import paired_change
 from scratchllm.train.checkpoint import CheckpointError, load_model
 from scratchllm.train.loop import resolve_device
@@ -32,7 +32,8 @@ def evaluate_checkpoints(checkpoints: list[Path], tasks: list[dict], max_new_tok
 
 
 def results_table(tasks: list[dict], scores: dict[str, list[float]], reference: dict[str, float]) -> str:
-    """Markdown: one row per family (and all), one column per checkpoint, the reading-nothing reference last."""
+    """Markdown: one row per family (and all), one column per checkpoint, the reading-nothing reference last
+    (`reference` keyed like `pass_at_1_by_family`)."""
     by_checkpoint = {name: pass_at_1_by_family(tasks, s) for name, s in scores.items()}
     families = sorted({t["family"] for t in tasks})
     sizes = {f: sum(t["family"] == f for t in tasks) for f in families}
@@ -41,7 +42,7 @@ def results_table(tasks: list[dict], scores: dict[str, list[float]], reference: 
              "|---|---:|" + "---:|" * (len(names) + 1)]
     for label, key, n in [("all", "pass_at_1", len(tasks))] + [(f, f"pass_at_1/{f}", sizes[f]) for f in families]:
         cells = [f"{by_checkpoint[name][key]:.3f}" for name in names]
-        lines.append(f"| {label} | {n} | " + " | ".join(cells) + f" | {reference[label]:.3f} |")
+        lines.append(f"| {label} | {n} | " + " | ".join(cells) + f" | {reference[key]:.3f} |")
     lines += [""] + [f"({i + 1}) {name}" for i, name in enumerate(names)]
     return "\n".join(lines)
 
@@ -66,8 +67,7 @@ def main(argv: list[str]) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"scratchllm eval-tasks: {err}")
         return 2
-    reference = {"all": constant_answer_pass_at_1(train_tasks, tasks)}
-    reference |= {f: constant_answer_pass_at_1(train_tasks, [t for t in tasks if t["family"] == f]) for f in {t["family"] for t in tasks}}
+    reference = constant_answer_by_family(train_tasks, tasks)
     print(results_table(tasks, scores, reference))
     names = list(scores)
     changes = {name: paired_change(scores[names[0]], scores[name]) for name in names[1:]}

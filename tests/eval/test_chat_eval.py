@@ -68,3 +68,16 @@ def test_copy_accuracy_is_one_for_a_copier_and_near_zero_for_a_model_that_ignore
     # random halves may repeat a token, so a perfect copier still scores slightly below 1
     assert copy_accuracy(Copier(), V, n_sequences=8, length=L) > 0.9
     assert copy_accuracy(Unigram(), V, n_sequences=8, length=L) < 0.1
+
+
+def test_constant_answer_by_family_has_the_keys_of_pass_at_1_by_family() -> None:
+    from scratchllm.eval.chat_eval import constant_answer_by_family, pass_at_1_by_family
+
+    def task(family: str, answer: str) -> dict:
+        return {"family": family, "lang": "en", "answer": answer, "verifier": "math", "prompt": []}
+
+    train = [task("add", "3"), task("add", "3"), task("compare", "9")]
+    held_out = [task("add", "3"), task("add", "4"), task("compare", "9")]
+    reference = constant_answer_by_family(train, held_out)
+    assert reference == {"pass_at_1": 2 / 3, "pass_at_1/add": 0.5, "pass_at_1/compare": 1.0}
+    assert reference.keys() == pass_at_1_by_family(held_out, [0.0, 0.0, 0.0]).keys()
