@@ -235,6 +235,9 @@ class PPOConfig:
     # check arithmetic) for reward: learned reward 6.9 -> 8.2, gold 0.880 -> 0.868, task pass@1 0.135 -> 0.044,
     # KL 0.76; 0.2 gave 6.9 -> 8.0 with gold 0.880 -> 0.879 and KL 0.36 (75 steps, one default run's models).
     kl_coef: float = 0.2
+    # Weight of a verifiable task's 0/1 verifier beside the reward-model score (a rule-based reward, Mu et al. 2024);
+    # 0 = the learned reward alone. Off by default: 1.0 moved the gold score by < 0.01 in one 90-step test.
+    verifier_weight: float = 0.0
     ppo_epochs: int = 2
     rollout_batch: int = 32
     max_new_tokens: int = 48
@@ -242,6 +245,14 @@ class PPOConfig:
     value_coef: float = 0.5
     max_kl: float = 10.0  # guard: stop with a message when mean KL (nats per reply) passes this
     eval_prompts: int = 100  # held-out preference prompts scored by the reward model and the gold judge
+    # Which training preference prompts PPO samples: "all", or "chat" (those without a verifiable task). The reward
+    # model cannot check answers, so on task prompts it rewards the answer format, and PPO then says "The answer
+    # is 1." to chat prompts too. One SFT model, 90 steps, held-out gold 0.866 before: all 0.853, chat 0.857.
+    train_prompts: str = "chat"
+
+    def __post_init__(self) -> None:
+        if self.train_prompts not in ("all", "chat"):
+            raise ConfigError(f"--ppo.train_prompts must be all or chat, got {self.train_prompts!r}")
 
 
 @dataclass

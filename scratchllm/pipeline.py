@@ -76,7 +76,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 # Default time budgets (seconds) per stage on the 2-core CPU, summing to well under 15 minutes with eval.
-BUDGET_S: dict[str, float] = {"pretrain": 270, "sft": 140, "reward": 40, "dpo": 40, "ppo": 70, "grpo": 100}
+BUDGET_S: dict[str, float] = {"pretrain": 270, "sft": 140, "reward": 80, "dpo": 40, "ppo": 70, "grpo": 100}
 TOY_STEPS: dict[str, int] = {"pretrain": 6, "sft": 6, "reward": 6, "dpo": 4, "ppo": 3, "grpo": 3}
 
 

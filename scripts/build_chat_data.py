@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a plain script from a checkout
 
 from scratchllm.data.tasks import canonical_reply, generate_unique_tasks, prompt_key  # noqa: E402
-from scratchllm.train.rewards import detect_language, extract_answer, parse_number  # noqa: E402
+from scratchllm.train.rewards import detect_language, extract_answer, is_on_topic, parse_number  # noqa: E402
 
 SEED = 20261123
 VAL_TASKS_PER_PAIR = 20  # x 12 families x 2 languages = 480 held-out tasks (config: eval_tasks=480)
@@ -301,7 +301,7 @@ def sft_conversations(rng: random.Random, n: int, tasks: list[dict[str, Any]], c
     return out
 
 
-RULES = ["wrong_answer", "wrong_language", "rude", "evasive", "rambling", "no_end"]
+RULES = ["wrong_answer", "wrong_language", "rude", "evasive", "rambling", "no_end", "off_topic"]
 
 
 def wrong_task_answer(answer: str, rng: random.Random) -> str:
@@ -336,7 +336,20 @@ def truncate(chosen: str, rng: random.Random) -> str:
     return chosen[:cut].rstrip()
 
 
-def rejected_reply(rule: str, chosen: str, lang: str, other: str, wrong: str | None, rng: random.Random) -> str:
+def off_topic_reply(chosen: str, lang: str, chats: list[ChatItem], rng: random.Random) -> str:
+    """A fluent, polite reply to another question in the same language: half the time a task's answer sentence
+    ("The answer is 7."), else another chat exchange's reply; drawn until the gold judge sees it as off topic."""
+    while True:
+        if rng.random() < 0.5:
+            reply = canonical_reply(str(rng.randint(0, 20)), lang)
+        else:
+            reply = rng.choice([c.reply for c in chats if c.lang == lang])
+        if not is_on_topic(reply, chosen):
+            return reply
+
+
+def rejected_reply(rule: str, chosen: str, lang: str, other: str, wrong: str | None, off_topic: str,
+                   rng: random.Random) -> str:
     """A worse reply by one rule of RULES; `wrong` is the wrong-answer reply (tasks only)."""
     if rule == "wrong_answer":
         if wrong is None:
@@ -351,32 +364,37 @@ def rejected_reply(rule: str, chosen: str, lang: str, other: str, wrong: str | N
         return rng.choice(EVASIVE_EN if lang == "en" else EVASIVE_ZH)
     if rule == "rambling":
         return rambling(chosen, lang, rng)
+    if rule == "off_topic":
+        return off_topic
     return truncate(chosen, rng)
 
 
-def task_pair(task: dict[str, Any], rule: str, rng: random.Random) -> dict[str, Any]:
+def task_pair(task: dict[str, Any], rule: str, chats: list[ChatItem], rng: random.Random) -> dict[str, Any]:
     chosen = canonical_reply(task["answer"], task["lang"])
     other = canonical_reply(task["answer"], "zh" if task["lang"] == "en" else "en")
     wrong = canonical_reply(wrong_task_answer(task["answer"], rng), task["lang"])
-    rejected = rejected_reply(rule, chosen, task["lang"], other, wrong, rng)
+    # A task's off-topic reply is a chat reply (another answer sentence would be the wrong_answer rule).
+    off_topic = rng.choice([c.reply for c in chats if c.lang == task["lang"]]) if rule == "off_topic" else ""
+    rejected = rejected_reply(rule, chosen, task["lang"], other, wrong, off_topic, rng)
     return {"prompt": task["prompt"], "chosen": chosen, "rejected": rejected, "rule": rule,
             "rejected_truncated": rule == "no_end", "task": task}
 
 
-def chat_pair(item: ChatItem, rule: str, rng: random.Random) -> dict[str, Any]:
-    rejected = rejected_reply(rule, item.reply, item.lang, item.other_reply, None, rng)
+def chat_pair(item: ChatItem, rule: str, chats: list[ChatItem], rng: random.Random) -> dict[str, Any]:
+    off_topic = off_topic_reply(item.reply, item.lang, chats, rng) if rule == "off_topic" else ""
+    rejected = rejected_reply(rule, item.reply, item.lang, item.other_reply, None, off_topic, rng)
     return {"prompt": [msg("user", item.question)], "chosen": item.reply, "rejected": rejected, "rule": rule,
             "rejected_truncated": rule == "no_end"}
 
 
 def preference_pairs(rng: random.Random, tasks: list[dict[str, Any]], chats: list[ChatItem], n_task: int,
                      n_chat: int) -> list[dict[str, Any]]:
-    pairs = [task_pair(tasks[i % len(tasks)], RULES[i % len(RULES)], rng) for i in range(n_task)]
+    pairs = [task_pair(tasks[i % len(tasks)], RULES[i % len(RULES)], chats, rng) for i in range(n_task)]
     chat_order = chats[:]
     rng.shuffle(chat_order)
     # Chat prompts carry no verifiable answer, so they skip wrong_answer (the gold judge could not see it).
     chat_rules = [r for r in RULES if r != "wrong_answer"]
-    pairs += [chat_pair(chat_order[i % len(chat_order)], chat_rules[i % len(chat_rules)], rng) for i in range(n_chat)]
+    pairs += [chat_pair(chat_order[i % len(chat_order)], chat_rules[i % len(chat_rules)], chats, rng) for i in range(n_chat)]
     return pairs
 
 

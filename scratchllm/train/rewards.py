@@ -15,7 +15,11 @@ verify_exact compares the span and the answer after normalisation: NFKC, case-fo
 quotes and the final full stop removed, list separators (, ， 、) rewritten as ", ", whitespace collapsed.
 
 The gold judge scores a reply by the SAME rules that built the rejected preference replies in
-scripts/build_chat_data.py: wrong_answer, wrong_language, rude, evasive, rambling, no_end (+ length).
+scripts/build_chat_data.py: wrong_answer, wrong_language, rude, evasive, rambling, no_end, off_topic (+ length).
+off_topic needs the pair's chosen reply as a reference: a chat reply is on topic when its character 3-grams
+overlap the reference's (Dice >= ON_TOPIC_MIN_DICE), which every reply of the right template does ("'cow' in
+Chinese is 牛." for "'horse' in Chinese is 马.") and a reply to another question does not ("The answer is 1."
+to "Who are you?": PPO without this rule learned to say it to every prompt and the judge did not notice).
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ EVASIVE_PHRASES = ["i don't know", "i do not know", "i can't help", "i cannot he
                    "我不想回答"]
 _RUDE_EN_RE = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in RUDE_EN) + r")\b", re.IGNORECASE)
 
+# Calibrated on one SFT model's greedy replies to the held-out chat prompts: those with the right template
+# overlap their reference at Dice 0.35-0.85, another question's reference reply <= 0.15 in 9 of 10 draws.
+ON_TOPIC_MIN_DICE = 0.2
 MAX_REPLY_CHARS = 200  # "sane length": canonical replies are < 60 characters
 MAX_FORMAT_CHARS = 80  # verify_format: a task reply is one short sentence
 
@@ -188,13 +195,34 @@ def reply_language(reply: str, user_text: str, user_lang: str) -> str:
     return detect_language(reply)
 
 
-GOLD_WEIGHTS = {"correct": 2.0, "language": 1.0, "polite": 1.0, "not_evasive": 1.0, "not_rambling": 1.0,
-                "sane_length": 1.0, "ended": 1.0}
+def char_ngram_dice(a: str, b: str, n: int = 3) -> float:
+    """Dice overlap 2|A∩B| / (|A|+|B|) of the character n-gram multisets of two texts (NFKC, case-folded,
+    padded with a space at each end so a two-character reply such as "猫。" still has n-grams)."""
+    def grams(text: str) -> Counter[str]:
+        words = unicodedata.normalize("NFKC", text).casefold().split()
+        text = " " + " ".join(words) + " " if words else ""
+        return Counter(text[i : i + n] for i in range(len(text) - n + 1))
+
+    left, right = grams(a), grams(b)
+    if not left or not right:
+        return 0.0
+    return 2 * sum((left & right).values()) / (sum(left.values()) + sum(right.values()))
+
+
+def is_on_topic(reply: str, reference: str) -> bool:
+    """The reply answers the question its reference reply answers (module docstring: the off_topic rule)."""
+    return char_ngram_dice(reply, reference) >= ON_TOPIC_MIN_DICE
+
+
+# Correctness (tasks) and staying on topic (chat prompts, which have no verifier) are the substance: double.
+GOLD_WEIGHTS = {"correct": 2.0, "on_topic": 2.0, "language": 1.0, "polite": 1.0, "not_evasive": 1.0,
+                "not_rambling": 1.0, "sane_length": 1.0, "ended": 1.0}
 
 
 def gold_checks(prompt: list[dict[str, str]], reply: str, task: dict[str, Any] | None = None,
-                ended: bool = True) -> dict[str, bool]:
-    """Each gold rule, True = passed. `correct` is present only when a task is given."""
+                ended: bool = True, reference: str | None = None) -> dict[str, bool]:
+    """Each gold rule, True = passed. `correct` is present only when a task is given, `on_topic` only when a
+    reference reply is given without a task (a task's verifier already says whether its question was answered)."""
     user_text = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
     user_lang = task["lang"] if task is not None else prompt_language(user_text)
     reply_lang = reply_language(reply, user_text, user_lang)
@@ -208,16 +236,18 @@ def gold_checks(prompt: list[dict[str, str]], reply: str, task: dict[str, Any] |
     }
     if task is not None:
         checks["correct"] = score_task(reply, task) == 1.0
+    elif reference is not None:
+        checks["on_topic"] = is_on_topic(reply, reference)
     return checks
 
 
 def gold_score(prompt: list[dict[str, str]], reply: str, task: dict[str, Any] | None = None,
-               ended: bool = True) -> float:
-    """Rule-based judge in [0, 1]: the weighted share of gold rules passed (correctness counts double).
+               ended: bool = True, reference: str | None = None) -> float:
+    """Rule-based judge in [0, 1]: the weighted share of gold rules passed (correctness and on-topic count double).
 
     `ended` is False when the reply stopped without <|im_end|> (the no_end rule). A correct, polite,
     on-language, short, ended reply scores 1.0; each rejection rule costs at least 1/8.
     """
-    checks = gold_checks(prompt, reply, task, ended)
+    checks = gold_checks(prompt, reply, task, ended, reference)
     total = sum(GOLD_WEIGHTS[k] for k in checks)
     return sum(GOLD_WEIGHTS[k] for k, ok in checks.items() if ok) / total

@@ -11,7 +11,7 @@ import pytest
 
 from scratchllm.data.jsonl import DataFormatError, read_conversations, read_preferences, read_tasks
 from scratchllm.data.tasks import canonical_reply, from_chinese_numeral, generate_tasks, to_chinese_numeral
-from scratchllm.train.rewards import score_task
+from scratchllm.train.rewards import gold_score, score_task
 
 CHAT = Path(__file__).resolve().parents[2] / "corpus" / "chat"
 
@@ -91,3 +91,16 @@ def test_shipped_chat_data_is_exactly_what_the_build_script_makes() -> None:
     script = Path(__file__).resolve().parents[2] / "scripts" / "build_chat_data.py"
     done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_gold_judge_scores_every_shipped_chosen_reply_1_and_every_rejected_reply_lower() -> None:
+    # The judge checks the rules the pairs were built by; a rule it cannot see would let PPO hack the reward model.
+    for name in ("prefs_train.jsonl", "prefs_val.jsonl"):
+        for line, pair in enumerate(read_preferences(CHAT / name), start=1):
+            task, chosen = pair.get("task"), pair["chosen"]
+            assert gold_score(pair["prompt"], chosen, task, True, chosen) == 1.0, (name, line)
+            if pair["rule"] == "wrong_answer" and task is None:  # a hand-written fact ("the capital of Peru")
+                assert pair.get("source") == "handwritten", (name, line)  # has no verifier: the judge cannot see it
+                continue
+            rejected = gold_score(pair["prompt"], pair["rejected"], task, not pair["rejected_truncated"], chosen)
+            assert rejected < 1.0, (name, line, pair["rule"], pair["rejected"])

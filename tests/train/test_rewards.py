@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 
 from scratchllm.train.rewards import (
+    char_ngram_dice,
     composite_reward,
     detect_language,
     extract_final_number,
     gold_score,
+    is_on_topic,
     score_task,
     verify_exact,
     verify_format,
@@ -89,3 +91,23 @@ def test_gold_judge_prefers_the_good_reply_over_every_rejection_rule() -> None:
         ("The answer", False),  # no end
     ]:
         assert gold_score(prompt, bad, MATH, ended=ended) < good, bad
+
+
+def test_char_ngram_dice_hand_computed() -> None:
+    assert char_ngram_dice("abcd", "abcd") == 1.0
+    # " abcd ": { ab, abc, bcd, cd } vs " bcde ": { bc, bcd, cde, de }: one shared of 4 + 4
+    assert char_ngram_dice("abcd", "bcde") == pytest.approx(2 * 1 / (4 + 4))
+    assert char_ngram_dice("ab", "abcd") == pytest.approx(2 * 1 / (2 + 4))  # " ab" is shared
+    assert char_ngram_dice("猫。", "猫。") == 1.0 and char_ngram_dice("Dog.", "Red.") == 0.0
+    assert char_ngram_dice("ABC  d", "abc d") == 1.0  # case and whitespace are folded
+    assert char_ngram_dice("", "abc") == 0.0
+
+
+def test_off_topic_replies_lose_gold_score_on_chat_prompts() -> None:
+    prompt = [{"role": "user", "content": "What is 'horse' in Chinese?"}]
+    reference = "'horse' in Chinese is 马."
+    assert is_on_topic("'cow' in Chinese is 牛.", reference)  # right template, wrong word: on topic
+    for reply in ("The answer is 1.", "I am scratchllm, a small language model trained from scratch."):
+        assert not is_on_topic(reply, reference)
+        assert gold_score(prompt, reply, reference=reference) < gold_score(prompt, reference, reference=reference) == 1.0
+    assert gold_score(prompt, "The answer is 1.") == 1.0  # without a reference the rule is not applied

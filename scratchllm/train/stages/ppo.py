@@ -1,7 +1,9 @@
 """RLHF with PPO (Ouyang et al. 2022): the policy maximises the reward model's score minus a KL penalty to SFT.
 
-Per-token reward r_t = -β·KL_k1(π‖π_ref) at every reply token, plus the reward-model score on the last one;
-advantages by GAE (arXiv:1506.02438) from a value model initialised from the reward model; PPO-clip
+Per-token reward r_t = -β·KL_k1(π‖π_ref) at every reply token, plus the reward-model score on the last one
+and, where the prompt is a verifiable task, `verifier_weight` x its verifier's 0/1 (a rule-based reward beside
+the learned one, as in Mu et al. 2024 "Rule Based Rewards"): the reward model cannot check arithmetic, so
+without it task answers drift at random under PPO while the learned reward rises. Advantages by GAE (arXiv:1506.02438) from a value model initialised from the reward model; PPO-clip
 (arXiv:1707.06347 eq. 7) with a clipped value loss; `ppo_epochs` updates per rollout batch.
 Reward hacking check: held-out replies are also scored by the rule-based gold judge, which must not fall.
 """
@@ -31,7 +33,7 @@ from scratchllm.train.checkpoint import load_model
 from scratchllm.train.logprobs import response_token_logprobs
 from scratchllm.train.loop import train
 from scratchllm.train.losses import gae, kl_k1, masked_mean, ppo_clip_loss, value_loss, whiten
-from scratchllm.train.rewards import gold_score
+from scratchllm.train.rewards import gold_score, score_task
 from scratchllm.train.rollout import Rollout, rollout_logprobs, sample_rollouts
 from scratchllm.train.stages.runner import base_sections, finish, resolve_sections, stage_main
 
@@ -58,12 +60,13 @@ def reward_model_scores(reward_model: ScalarModel, rollout: Rollout, device: tor
 class PPOStage:
     name = "ppo"
 
-    def __init__(self, tok: Tokenizer, reference: GPT, reward_model: ScalarModel, train_prompts: list, val_pairs: list,
+    def __init__(self, tok: Tokenizer, reference: GPT, reward_model: ScalarModel, train_records: list, val_pairs: list,
                  cfg: PPOConfig, seed: int) -> None:
+        """`train_records`: {"prompt": messages, optionally "task": task record}, e.g. the preference pairs."""
         self.tok, self.cfg, self.seed = tok, cfg, seed
         self.reference = reference.eval().requires_grad_(False)
         self.reward_model = reward_model.eval().requires_grad_(False)
-        self.train_prompts, self.val_pairs = train_prompts, val_pairs
+        self.train_records, self.val_pairs = train_records, val_pairs
         self.position = 0
         self.model: PolicyAndValue | None = None
 
@@ -84,20 +87,23 @@ class PPOStage:
         # r, r+N, …, so ranks sample different prompts and replies, and one process draws what it always did.
         k = self.position * dist.world_size() + dist.rank()
         self.position += 1
-        prompts = random.Random(self.seed * 104729 + k).sample(self.train_prompts, self.cfg.rollout_batch)
-        rollout = sample_rollouts(policy, self.tok, prompts, self.cfg.max_new_tokens,
+        records = random.Random(self.seed * 104729 + k).sample(self.train_records, self.cfg.rollout_batch)
+        rollout = sample_rollouts(policy, self.tok, [r["prompt"] for r in records], self.cfg.max_new_tokens,
                                   SamplingParams(temperature=self.cfg.temperature), seed=self.seed + k + 1)
         old_logprobs, mask = rollout_logprobs(policy, rollout, device)
         ref_logprobs, _ = rollout_logprobs(self.reference, rollout, device)
         scores = reward_model_scores(self.reward_model, rollout, device)
+        verified = {i: score_task(text, r["task"]) for i, (text, r) in enumerate(zip(rollout.texts, records)) if r.get("task")}
+        checks = torch.tensor([verified.get(i, 0.0) for i in range(len(records))], device=device)
         kl = kl_k1(old_logprobs, ref_logprobs) * mask  # (B, T-1), k1 as in InstructGPT
         rewards = -self.cfg.kl_coef * kl
         last = (rollout.lengths.to(device) - 2).clamp(min=0)  # target index of the last reply token
-        rewards[torch.arange(len(last), device=device), last] += scores
+        rewards[torch.arange(len(last), device=device), last] += scores + self.cfg.verifier_weight * checks
         values = value_model.forward_all(rollout.ids.to(device))[:, :-1] * mask
         advantages, returns = gae(rewards, values, mask, self.cfg.gamma, self.cfg.gae_lambda)
         advantages = whiten(advantages, mask)
-        stats = {"reward": float(scores.mean()), "kl": float(masked_mean(kl, mask) * mask.sum(1).float().mean()),
+        stats = {"reward": float(scores.mean()), "task_accuracy": sum(verified.values()) / max(len(verified), 1),
+                 "kl": float(masked_mean(kl, mask) * mask.sum(1).float().mean()),
                  "reply_len": float(mask.sum(1).float().mean()), "ended": sum(rollout.ended) / len(rollout.ended)}
         if stats["kl"] > self.cfg.max_kl:
             raise PPODiverged(f"mean KL to the reference is {stats['kl']:.2f} > --ppo.max_kl={self.cfg.max_kl}: "
@@ -144,8 +150,9 @@ class PPOStage:
 
 
 def gold_scores(pairs: list, replies: list[tuple[str, bool]]) -> list[float]:
-    """The rule-based gold judge's score of each held-out reply (the rules the preference data was built from)."""
-    return [gold_score(p["prompt"], text, p.get("task"), ended) for p, (text, ended) in zip(pairs, replies)]
+    """The rule-based gold judge's score of each held-out reply (the rules the preference data was built from),
+    with the pair's chosen reply as the on-topic reference."""
+    return [gold_score(p["prompt"], text, p.get("task"), ended, p["chosen"]) for p, (text, ended) in zip(pairs, replies)]
 
 
 @torch.no_grad()
@@ -192,7 +199,9 @@ def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overri
     rm, _ = load_scalar_model(reward_dir)
     value = copy.deepcopy(rm).train().requires_grad_(True)  # the critic starts from the reward model
     model = PolicyAndValue(policy.train(), value)
-    stage = PPOStage(tok, reference, rm, [p["prompt"] for p in train_pairs], val_pairs, sections["ppo"], sections["loop"].seed)
+    if sections["ppo"].train_prompts == "chat":
+        train_pairs = [p for p in train_pairs if not p.get("task")]
+    stage = PPOStage(tok, reference, rm, train_pairs, val_pairs, sections["ppo"], sections["loop"].seed)
     stage.sections = sections
     stage.model = model
     metrics = train(model, stage, sections["optim"], sections["loop"], stage_dir, resume=resume, tokenizer=tok,

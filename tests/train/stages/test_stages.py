@@ -11,10 +11,13 @@ import pytest
 import torch
 
 from scratchllm.config import ConfigError, GRPOConfig, PPOConfig, SFTConfig
+from scratchllm.data.chat_batches import pad_right
 from scratchllm.data.jsonl import read_preferences, read_tasks
 from scratchllm.data.tasks import canonical_reply, task_conversation
 from scratchllm.model.heads import ScalarModel, load_scalar_model
+from scratchllm.tokenizer.chat import render_for_completion
 from scratchllm.train.checkpoint import load_model
+from scratchllm.train.rollout import Rollout
 from scratchllm.train.stages import dpo, grpo, ppo, pretrain, reward, sft
 from tests.train.stages.conftest import first_and_last_eval
 
@@ -86,7 +89,7 @@ def test_ppo_raises_a_trivially_learnable_reward(sft_model, monkeypatch) -> None
 def test_ppo_ranks_draw_different_rollouts_and_one_process_its_usual_stream(tiny_world, monkeypatch) -> None:
     data, base = tiny_world
     model, tok, _ = load_model(base)
-    prompts = [p["prompt"] for p in read_preferences(data / "prefs_train.jsonl")]
+    records = read_preferences(data / "prefs_train.jsonl")
 
     class Drawn(Exception):
         pass
@@ -99,13 +102,43 @@ def test_ppo_ranks_draw_different_rollouts_and_one_process_its_usual_stream(tiny
     for rank, world_size in [(0, 1), (0, 2), (1, 2)]:
         monkeypatch.setattr(ppo.dist, "rank", lambda rank=rank: rank)
         monkeypatch.setattr(ppo.dist, "world_size", lambda n=world_size: n)
-        stage = ppo.PPOStage(tok, model, ScalarModel(model), prompts, [], PPOConfig(rollout_batch=4), seed=5)
+        stage = ppo.PPOStage(tok, model, ScalarModel(model), records, [], PPOConfig(rollout_batch=4), seed=5)
         stage.model = ppo.PolicyAndValue(model, ScalarModel(model))
         with pytest.raises(Drawn) as caught:
             stage._rollout_batch()
         drawn[rank, world_size] = caught.value.args
-    assert drawn[0, 1] == (random.Random(5 * 104729).sample(prompts, 4), 5 + 1)  # the single-process stream
+    prompts = [r["prompt"] for r in random.Random(5 * 104729).sample(records, 4)]
+    assert drawn[0, 1] == (prompts, 5 + 1)  # the single-process stream
     assert drawn[0, 2][0] != drawn[1, 2][0] and drawn[0, 2][1] != drawn[1, 2][1]
+
+
+def test_ppo_adds_the_verifier_of_task_prompts_to_the_reward_model_score(tiny_world, monkeypatch) -> None:
+    data, base = tiny_world
+    model, tok, _ = load_model(base)
+    task = read_tasks(data / "tasks_train.jsonl")[0]
+    records = [{"prompt": task["prompt"], "task": task}, {"prompt": task["prompt"], "task": task},
+               {"prompt": [{"role": "user", "content": "Hello"}]}]  # the last one has no verifier
+    right = canonical_reply(task["answer"], task["lang"])
+    replies = [right, "The answer is nothing.", right]
+
+    def fixed_rollouts(policy, tok, prompts, max_new_tokens, params, seed):
+        rows = [render_for_completion(tok, p) + tok.encode(r) + [tok.im_end_id] for p, r in zip(prompts, replies)]
+        masks = [[0] * len(render_for_completion(tok, p)) + [1] * (len(tok.encode(r)) + 1) for p, r in zip(prompts, replies)]
+        return Rollout(pad_right(rows, tok.pad_id), pad_right(masks, 0).bool(), torch.tensor([len(r) for r in rows]),
+                       replies, [True] * 3)
+
+    monkeypatch.setattr(ppo, "sample_rollouts", fixed_rollouts)
+    monkeypatch.setattr(random.Random, "sample", lambda self, population, k: population[:k])
+    reward_model, value_model, returns = ScalarModel(model), ScalarModel(model), {}
+    for weight in (0.0, 2.5):  # γ = λ = 1, β = 0: the return at a reply's first token is its whole reward
+        cfg = PPOConfig(rollout_batch=3, kl_coef=0.0, gamma=1.0, gae_lambda=1.0, verifier_weight=weight)
+        stage = ppo.PPOStage(tok, model, reward_model, records, [], cfg, seed=5)
+        stage.model = ppo.PolicyAndValue(model, value_model)
+        batch = stage._rollout_batch()
+        first = batch["response_mask"][:, 1:].float().argmax(1)  # first reply token in the shifted (B, T-1) frame
+        returns[weight] = batch["returns"][torch.arange(3), first]
+        assert batch["stats"]["task_accuracy"] == 0.5  # of the two task rows, the canonical reply is right
+    assert torch.allclose(returns[2.5] - returns[0.0], torch.tensor([2.5, 0.0, 0.0]), atol=1e-4)
 
 
 def test_lora_on_reward_and_ppo_trains_adapters_and_heads_only(sft_model, tmp_path) -> None:
