@@ -37,7 +37,7 @@ TRAIN_TASKS_PER_PAIR = 380  # upper bound; small families yield fewer unique que
 HELDOUT_CHAT_SHARE = 0.12
 N_SFT_TRAIN, N_SFT_VAL = 10_000, 500
 SFT_TASK_SHARE = 0.5  # share of SFT conversations whose (first) exchange is a verifiable task
-N_PREFS_TRAIN_TASK, N_PREFS_TRAIN_CHAT = 1_200, 1_000
+N_PREFS_TRAIN_TASK, N_PREFS_TRAIN_CHAT = 1_200, 1_400
 N_PREFS_VAL_TASK, N_PREFS_VAL_CHAT = 180, 160  # + 10 hand-written = 350 (config: dpo.eval_pairs=350)
 
 IDENTITY_EN = "I am scratchllm, a small language model trained from scratch."
@@ -393,7 +393,8 @@ def preference_pairs(rng: random.Random, tasks: list[dict[str, Any]], chats: lis
     chat_order = chats[:]
     rng.shuffle(chat_order)
     # Chat prompts carry no verifiable answer, so they skip wrong_answer (the gold judge could not see it).
-    chat_rules = [r for r in RULES if r != "wrong_answer"]
+    # off_topic comes three times: it is the rule the reward model learns last and PPO exploited (docs/ppo.md).
+    chat_rules = [r for r in RULES if r != "wrong_answer"] + ["off_topic", "off_topic"]
     pairs += [chat_pair(chat_order[i % len(chat_order)], chat_rules[i % len(chat_rules)], chats, rng) for i in range(n_chat)]
     return pairs
 

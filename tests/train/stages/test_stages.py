@@ -164,7 +164,9 @@ def test_grpo_raises_a_trivially_learnable_reward(sft_model, monkeypatch) -> Non
                                                         "--grpo.group_size=6", "--grpo.max_new_tokens=6"])
     rows = _train_rows(root / "grpo")
     rewards = [r["reward"] for r in rows]
-    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.2
+    before, after = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert before <= 0.9, before  # room to learn, or the check below says nothing
+    assert after >= before + 0.5 * (1 - before), (before, after)  # closes at least half the gap to always-rewarded
     assert all("groups_with_signal" in r for r in rows)
 
 
