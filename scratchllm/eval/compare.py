@@ -35,7 +35,7 @@ def compare_checkpoints(
     checkpoints: dict[str, Path], reward_model: Path, data_dir: Path, quick: bool = False, device: str = "auto"
 ) -> dict[str, dict[str, float | str | None]]:
     dev = resolve_device(device)
-    n_val_convs, n_tasks, n_prefs, n_windows = (16, 22, 16, 2) if quick else (100, 480, 100, 16)
+    n_val_convs, n_tasks, n_prefs, n_windows = (16, 22, 16, 2) if quick else (100, 480, 350, 16)  # all of prefs_val
     convs = read_conversations(data_dir / "chat" / "sft_val.jsonl")[:n_val_convs]
     tasks = read_tasks(data_dir / "chat" / "tasks_val.jsonl")[:n_tasks]
     pairs = read_preferences(data_dir / "chat" / "prefs_val.jsonl")[:n_prefs]

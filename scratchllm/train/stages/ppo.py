@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from scratchllm.config import LoopConfig, OptimConfig, PPOConfig
-from scratchllm.data.jsonl import read_preferences
+from scratchllm.config import LoopConfig, OptimConfig, PPOConfig, SFTConfig
+from scratchllm.data.chat_batches import EpochStream, render_sft, sft_batch
+from scratchllm.data.jsonl import read_conversations, read_preferences
 from scratchllm.eval.chat_eval import generate_replies
 from scratchllm.infer.sampling import SamplingParams
 from scratchllm.model.gpt import GPT
@@ -32,13 +33,21 @@ from scratchllm.train import distributed as dist
 from scratchllm.train.checkpoint import load_model
 from scratchllm.train.logprobs import response_token_logprobs
 from scratchllm.train.loop import train
-from scratchllm.train.losses import gae, kl_k1, masked_mean, ppo_clip_loss, value_loss, whiten
+from scratchllm.train.losses import (
+    cross_entropy_loss,
+    gae,
+    kl_k1,
+    masked_mean,
+    ppo_clip_loss,
+    value_loss,
+    whiten,
+)
 from scratchllm.train.rewards import gold_score, score_task
 from scratchllm.train.rollout import Rollout, rollout_logprobs, sample_rollouts
 from scratchllm.train.stages.runner import base_sections, finish, resolve_sections, stage_main
 
 DEFAULT_LOOP = LoopConfig(max_steps=200, batch_size=1, eval_every=0, checkpoint_every=50, max_time_s=75, log_every=1)
-DEFAULT_OPTIM = OptimConfig(lr=1e-4, warmup_steps=3, weight_decay=0.0, min_lr_ratio=1.0, grad_clip=1.0)
+DEFAULT_OPTIM = OptimConfig(lr=2e-4, warmup_steps=3, weight_decay=0.0, min_lr_ratio=1.0, grad_clip=1.0)
 
 
 class PPODiverged(RuntimeError):
@@ -69,12 +78,18 @@ class PPOStage:
         self.train_records, self.val_pairs = train_records, val_pairs
         self.position = 0
         self.model: PolicyAndValue | None = None
+        self.ptx_stream: EpochStream | None = None
+
+    def add_ptx_data(self, conversations: list, max_len: int) -> None:
+        """SFT conversations for the PPO-ptx term (used when cfg.ptx_coef > 0)."""
+        self.ptx_stream = EpochStream(render_sft(self.tok, conversations, max_len), self.cfg.ptx_batch, self.seed)
 
     def batches(self, split: str) -> Iterator[dict[str, Any]]:
+        ptx = iter(self.ptx_stream) if self.ptx_stream is not None and self.cfg.ptx_coef > 0 else None
         while True:
             batch = self._rollout_batch()
             for _ in range(self.cfg.ppo_epochs):
-                yield batch
+                yield batch if ptx is None else {**batch, "ptx": sft_batch(next(ptx), self.tok.pad_id)}
 
     @torch.no_grad()
     def _rollout_batch(self) -> dict[str, Any]:
@@ -120,8 +135,14 @@ class PPOStage:
         v_loss = value_loss(values, batch["old_values"], batch["returns"], mask, self.cfg.value_clip_eps)
         with torch.no_grad():
             entropy_proxy = -masked_mean(logprobs, mask)  # mean surprisal of the sampled tokens
-        return policy_loss + self.cfg.value_coef * v_loss, {**stats, **batch["stats"], "value_loss": float(v_loss.detach()),
-                                                             "entropy": float(entropy_proxy)}
+        stats = {**stats, **batch["stats"], "value_loss": float(v_loss.detach()), "entropy": float(entropy_proxy)}
+        loss = policy_loss + self.cfg.value_coef * v_loss
+        if "ptx" in batch:  # PPO-ptx: + γ · CE on SFT replies keeps what SFT taught on prompts PPO never samples
+            ptx = batch["ptx"]
+            ptx_loss = cross_entropy_loss(model.policy(ptx["ids"]), ptx["targets"], ptx["mask"])
+            loss = loss + self.cfg.ptx_coef * ptx_loss
+            stats["ptx_loss"] = float(ptx_loss.detach())
+        return loss, stats
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -134,10 +155,12 @@ class PPOStage:
         return score_replies(policy, self.reference, self.reward_model, self.tok, pairs, replies, device)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position}
+        return {"position": self.position, "ptx_position": self.ptx_stream.position if self.ptx_stream else 0}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.position = state["position"]
+        if self.ptx_stream is not None:
+            self.ptx_stream.position = state.get("ptx_position", 0)
 
     def tokens_in(self, batch: dict[str, Any]) -> int:
         return int(batch["response_mask"].sum())
@@ -202,6 +225,8 @@ def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overri
     if sections["ppo"].train_prompts == "chat":
         train_pairs = [p for p in train_pairs if not p.get("task")]
     stage = PPOStage(tok, reference, rm, train_pairs, val_pairs, sections["ppo"], sections["loop"].seed)
+    if sections["ppo"].ptx_coef > 0:
+        stage.add_ptx_data(read_conversations(Path(data_dir) / "sft_train.jsonl"), SFTConfig().max_len)
     stage.sections = sections
     stage.model = model
     metrics = train(model, stage, sections["optim"], sections["loop"], stage_dir, resume=resume, tokenizer=tok,

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from scratchllm.config import ConfigError, GRPOConfig, PPOConfig, SFTConfig
-from scratchllm.data.chat_batches import pad_right
-from scratchllm.data.jsonl import read_preferences, read_tasks
+from scratchllm.data.chat_batches import pad_right, sft_batch
+from scratchllm.data.jsonl import read_conversations, read_preferences, read_tasks
 from scratchllm.data.tasks import canonical_reply, task_conversation
 from scratchllm.model.heads import ScalarModel, load_scalar_model
 from scratchllm.tokenizer.chat import render_for_completion
@@ -139,6 +139,27 @@ def test_ppo_adds_the_verifier_of_task_prompts_to_the_reward_model_score(tiny_wo
         returns[weight] = batch["returns"][torch.arange(3), first]
         assert batch["stats"]["task_accuracy"] == 0.5  # of the two task rows, the canonical reply is right
     assert torch.allclose(returns[2.5] - returns[0.0], torch.tensor([2.5, 0.0, 0.0]), atol=1e-4)
+
+
+def test_ppo_ptx_adds_the_weighted_sft_loss_and_resumes_its_stream(tiny_world) -> None:
+    data, base = tiny_world
+    model, tok, _ = load_model(base)
+    records = read_preferences(data / "prefs_train.jsonl")
+    conversations = read_conversations(data / "sft_train.jsonl")
+    reward_model, value_model, losses = ScalarModel(model), ScalarModel(model), {}
+    for coef in (0.0, 2.0):
+        stage = ppo.PPOStage(tok, model, reward_model, records, [],
+                             PPOConfig(rollout_batch=2, max_new_tokens=4, ptx_coef=coef, ptx_batch=3), seed=5)
+        stage.model = ppo.PolicyAndValue(model, value_model)
+        stage.add_ptx_data(conversations, 64)
+        batch = next(stage.batches("train"))
+        assert ("ptx" in batch) == (coef > 0)
+        batch["ptx"] = sft_batch(stage.ptx_stream.batch_items(0), tok.pad_id)  # the same SFT rows for both
+        losses[coef] = stage.loss(stage.model, batch)
+    (plain, _), (mixed, stats) = losses[0.0], losses[2.0]
+    assert torch.isclose(mixed - plain, torch.tensor(2.0 * stats["ptx_loss"]), atol=1e-4)
+    stage.load_state_dict({"position": 3, "ptx_position": 7})
+    assert stage.state_dict() == {"position": 3, "ptx_position": 7}
 
 
 def test_lora_on_reward_and_ppo_trains_adapters_and_heads_only(sft_model, tmp_path) -> None:
