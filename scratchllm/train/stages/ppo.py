@@ -1,10 +1,10 @@
 """RLHF with PPO (Ouyang et al. 2022): the policy maximises the reward model's score minus a KL penalty to SFT.
 
 Per-token reward r_t = -β·KL_k1(π‖π_ref) at every reply token, plus the reward-model score on the last one
-and, where the prompt is a verifiable task, `verifier_weight` x its verifier's 0/1 (a rule-based reward beside
-the learned one, as in Mu et al. 2024 "Rule Based Rewards"): the reward model cannot check arithmetic, so
-without it task answers drift at random under PPO while the learned reward rises. Advantages by GAE (arXiv:1506.02438) from a value model initialised from the reward model; PPO-clip
-(arXiv:1707.06347 eq. 7) with a clipped value loss; `ppo_epochs` updates per rollout batch.
+(and optionally, on a verifiable task's prompt, `verifier_weight` x its verifier's 0/1: a rule-based reward
+beside the learned one, Mu et al. 2024). Advantages by GAE (arXiv:1506.02438) from a value model initialised
+from the reward model; PPO-clip (arXiv:1707.06347 eq. 7) with a clipped value loss; `ppo_epochs` updates per
+rollout batch; PPO-ptx (InstructGPT eq. 2) adds `ptx_coef` x the SFT loss on SFT conversations every step.
 Reward hacking check: held-out replies are also scored by the rule-based gold judge, which must not fall.
 """
 
