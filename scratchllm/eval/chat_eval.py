@@ -91,20 +91,22 @@ def task_sampled_pass_at_1(
             f"sampled_pass_at_{samples}": sum(max(s, default=0.0) for s in per_task) / n}
 
 
-def constant_answer_pass_at_1(train_tasks: list[dict[str, Any]], tasks: list[dict[str, Any]]) -> float:
-    """Pass@1 of a policy that never reads the question: each task answered with its family's commonest answer
-    in the training split. A model whose pass@1 is near this has learned the answer prior, not the task."""
+def constant_answer_scores(train_tasks: list[dict[str, Any]], tasks: list[dict[str, Any]]) -> list[float]:
+    """Per-task score of a policy that never reads the question: each task answered with its family's commonest
+    answer in the training split. A model whose pass@1 is near this has learned the answer prior, not the task."""
     by_family: dict[str, Counter] = defaultdict(Counter)
     for task in train_tasks:
         by_family[task["family"]][task["answer"]] += 1
-    scores = [score_task(canonical_reply(by_family[t["family"]].most_common(1)[0][0], t["lang"]), t)
-              if by_family[t["family"]] else 0.0 for t in tasks]
+    return [score_task(canonical_reply(by_family[t["family"]].most_common(1)[0][0], t["lang"]), t)
+            if by_family[t["family"]] else 0.0 for t in tasks]
+
+
+def constant_answer_pass_at_1(train_tasks: list[dict[str, Any]], tasks: list[dict[str, Any]]) -> float:
+    """Mean of `constant_answer_scores`: the answer-prior reference for task pass@1."""
+    scores = constant_answer_scores(train_tasks, tasks)
     return sum(scores) / max(len(scores), 1)
 
 
 def constant_answer_by_family(train_tasks: list[dict[str, Any]], tasks: list[dict[str, Any]]) -> dict[str, float]:
-    """`constant_answer_pass_at_1` with the keys of `pass_at_1_by_family`: overall and per family."""
-    families = sorted({t["family"] for t in tasks})
-    return {"pass_at_1": constant_answer_pass_at_1(train_tasks, tasks),
-            **{f"pass_at_1/{f}": constant_answer_pass_at_1(train_tasks, [t for t in tasks if t["family"] == f])
-               for f in families}}
+    """The answer-prior reference with the keys of `pass_at_1_by_family`: overall and per family."""
+    return pass_at_1_by_family(tasks, constant_answer_scores(train_tasks, tasks))
