@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from scratchllm.infer.sampling import SamplingParams, process_logits, sample
+from scratchllm.infer.sampling import SamplingParams, process_logits, sample, sample_from_uniforms
 from scratchllm.model.gpt import GPT
 from scratchllm.model.kv_cache import KVCache
 
@@ -22,6 +22,10 @@ class Step:
     tokens: Tensor  # (B,) the token chosen for each row this step (meaningless where `active` is False)
     active: Tensor  # (B,) bool: the row was still generating when this token was chosen
     finished: Tensor  # (B,) bool: the row has stopped (after this step)
+
+
+def _row_uniforms(seed: int | None, n: int) -> Tensor:
+    return torch.rand(n, dtype=torch.float64, generator=None if seed is None else torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
@@ -57,7 +61,10 @@ def generate(
     counts = torch.zeros(B, V, device=device)  # generated-token counts for the penalties
     row_params = params if isinstance(params, list) else [params] * B
     seeds = seed if isinstance(seed, list) else [None if seed is None else seed + row for row in range(B)]
-    generators = [None if s is None else torch.Generator(device=device).manual_seed(s) for s in seeds]
+    # Seeded rows draw all their uniforms up front from their own generator (one call per row, not per step);
+    # sampling is then one vectorised inverse-CDF call, and a row's text still depends only on its seed.
+    uniforms = None if seed is None else torch.stack([_row_uniforms(s, max(budget, 1)) for s in seeds])
+    greedy = torch.tensor([p.temperature == 0 for p in row_params], device=device)
     uniform = not isinstance(params, list) and seed is None  # one vectorised sampling call for the whole batch
     local_kv_heads = model.layers[0].self_attn.n_kv_heads  # this process's share under tensor parallelism
     cache = KVCache(model.config, B, longest + budget, device=device, dtype=next(model.parameters()).dtype,
@@ -69,10 +76,13 @@ def generate(
         if uniform:
             next_ids = sample(process_logits(logits, counts, row_params[0]), row_params[0])
         else:
-            next_ids = torch.cat([
-                sample(process_logits(logits[r : r + 1], counts[r : r + 1], row_params[r]), row_params[r], generators[r])
-                for r in range(B)
-            ])
+            processed = process_logits(logits, counts, row_params[0]) if not isinstance(params, list) else torch.cat(
+                [process_logits(logits[r : r + 1], counts[r : r + 1], row_params[r]) for r in range(B)])
+            if uniforms is not None:
+                drawn = sample_from_uniforms(processed, uniforms[:, step])
+            else:  # per-row settings without seeds: each row draws from the global generator
+                drawn = torch.cat([sample(processed[r : r + 1], row_params[r]) for r in range(B)])
+            next_ids = torch.where(greedy, processed.argmax(-1), drawn)
         active = ~finished
         next_ids = torch.where(active, next_ids, torch.full_like(next_ids, pad_id))
         counts[active, next_ids[active]] += 1

@@ -93,3 +93,17 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
         return logits.argmax(-1)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sample_from_uniforms(logits: Tensor, uniforms: Tensor) -> Tensor:
+    """Inverse-CDF sampling: processed logits (B, V) and one uniform in [0, 1) per row -> next ids (B,).
+
+    Row r takes the first token whose cumulative probability exceeds u_r * (total mass), so a zero-probability
+    token is never drawn. With each row's uniforms drawn from its own generator, a whole batch samples in one
+    vectorised call and a row's draw still depends only on its own seed (the engine's per-row seeds)."""
+    probs = logits.softmax(-1).double()  # float64: the last entries of a long cumsum stay ordered
+    cdf = probs.cumsum(-1)
+    targets = (uniforms.to(cdf.device, torch.float64) * cdf[:, -1]).unsqueeze(-1)
+    drawn = torch.searchsorted(cdf, targets, right=True).squeeze(-1)
+    last_possible = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)  # a u rounded up to 1 lands here
+    return torch.minimum(drawn, last_possible)

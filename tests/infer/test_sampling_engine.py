@@ -16,6 +16,7 @@ from scratchllm.infer.sampling import (
     min_p_filter,
     process_logits,
     sample,
+    sample_from_uniforms,
     top_k_filter,
     top_p_filter,
 )
@@ -63,6 +64,19 @@ def test_low_temperature_equals_greedy_and_seed_reproduces() -> None:
     assert torch.equal(a, b)
 
 
+def test_inverse_cdf_sampling_draws_each_token_at_its_probability() -> None:
+    logits = top_k_filter(LOGITS, 4)  # token 4 now has probability 0
+    probs = logits.softmax(-1)[0]
+    n = 200_000
+    drawn = sample_from_uniforms(logits.expand(n, -1), torch.rand(n, generator=torch.Generator().manual_seed(0)))
+    freq = torch.bincount(drawn, minlength=5).double() / n
+    assert freq[4] == 0
+    assert torch.allclose(freq, probs.double(), atol=4 * math.sqrt(0.25 / n))  # 4 standard errors at worst
+    # The extremes land on the first and last token that has probability (1.0 itself: a u rounded up).
+    edges = sample_from_uniforms(logits.expand(2, -1), torch.tensor([0.0, 1.0]))
+    assert edges.tolist() == [0, 3]
+
+
 def test_invalid_params_rejected() -> None:
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
@@ -92,6 +106,9 @@ def test_stop_ids_and_seeded_sampling(model: GPT) -> None:
     a, _ = generate_batch(model, [[1, 2], [3]], 15, SamplingParams(temperature=1.0), seed=7)
     b, _ = generate_batch(model, [[1, 2], [3]], 15, SamplingParams(temperature=1.0), seed=7)
     assert a == b
+    # Row r samples with seed 7 + r whatever else is in the batch: row 1 here equals row 0 of a batch seeded 8.
+    alone, _ = generate_batch(model, [[3]], 15, SamplingParams(temperature=1.0), seed=8)
+    assert a[1] == alone[0]
 
 
 def test_kv_cache_makes_generation_match_recompute(model: GPT) -> None:
