@@ -94,6 +94,8 @@ def _stage_overrides(args: argparse.Namespace, stage: str) -> list[str]:
                                "--grpo.eval_tasks=11"]}.get(stage, [])
     else:
         overrides.append(f"--loop.max_time_s={BUDGET_S[stage] * args.time_scale:g}")
+    if stage == "ppo":  # the report samples every checkpoint's replies on the same draws; no need to do it twice
+        overrides.append("--ppo.eval_samples=0")
     return overrides
 
 

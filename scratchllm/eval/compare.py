@@ -2,8 +2,8 @@
 
 Rows: validation bits-per-byte, in-context copy accuracy, end-of-reply rate, task pass@1 (greedy, overall and per
 family) and its paired change against SFT's (tasks won, lost, exact McNemar p: eval/significance.py),
-reward-model accuracy, learned reward and gold-judge score of held-out replies (the gold score also paired with
-SFT's, prompt by prompt), KL to SFT. Columns: pretrain, SFT, DPO, PPO, GRPO, and a "reference" column: the task
+reward-model accuracy, learned reward and gold-judge score of held-out replies, greedy and sampled at PPO's
+rollout temperature (the gold score also paired with SFT's, reply by reply), KL to SFT. Columns: pretrain, SFT, DPO, PPO, GRPO, and a "reference" column: the task
 pass@1 of answering without reading the question.
 """
 
@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from scratchllm.config import PPOConfig
 from scratchllm.data.batches import sequential_windows
 from scratchllm.data.jsonl import read_conversations, read_preferences, read_tasks
 from scratchllm.eval.chat_eval import (
@@ -36,6 +37,7 @@ def compare_checkpoints(
 ) -> dict[str, dict[str, float | str | None]]:
     dev = resolve_device(device)
     n_val_convs, n_tasks, n_prefs, n_windows = (16, 22, 16, 2) if quick else (100, 480, 350, 16)  # all of prefs_val
+    n_samples = 1 if quick else PPOConfig().eval_samples
     convs = read_conversations(data_dir / "chat" / "sft_val.jsonl")[:n_val_convs]
     tasks = read_tasks(data_dir / "chat" / "tasks_val.jsonl")[:n_tasks]
     pairs = read_preferences(data_dir / "chat" / "prefs_val.jsonl")[:n_prefs]
@@ -50,6 +52,7 @@ def compare_checkpoints(
     results: dict[str, dict[str, float | str | None]] = {}
     scores_by_stage: dict[str, list[float]] = {}  # per held-out task, 1 right / 0 wrong
     gold_by_stage: dict[str, list[float]] = {}  # gold-judge score per held-out preference prompt
+    sampled_gold_by_stage: dict[str, list[float]] = {}  # ... per sampled reply (n_samples per prompt)
     val_tokens_cache: dict[str, Any] = {}
     for stage, path in checkpoints.items():
         model, tok, _ = load_model(path, dev)
@@ -73,17 +76,23 @@ def compare_checkpoints(
         row.update(pass_at_1_by_family(tasks, scores_by_stage[stage]))  # "pass_at_1" and "pass_at_1/<family>"
         row["rm_accuracy"] = rm_accuracy if stage == "sft" else None
         if rm is not None and sft is not None:
-            from scratchllm.train.stages.ppo import gold_scores, score_replies
+            from scratchllm.train.stages.ppo import gold_scores, sampled_reply_scores, score_replies
 
             replies = generate_replies(model, tok, [p["prompt"] for p in pairs], 32)
             scored = score_replies(model, sft, rm, tok, pairs, replies, dev)
             gold_by_stage[stage] = gold_scores(pairs, replies)
             row["learned_reward"], row["gold_score"] = scored["learned_reward"], scored["gold_score"]
             row["kl_to_sft"] = scored["kl_to_sft"]
+            if stage != "pretrain":  # a base model's samples run on without ending: a chat-policy metric
+                sampled, sampled_gold_by_stage[stage] = sampled_reply_scores(
+                    model, rm, tok, pairs, n_samples, PPOConfig().temperature, 32, dev)
+                row.update(sampled)
         results[stage] = row
         print(f"[compare] {stage}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float) and "/" not in k))
     # Same prompts, same greedy decoding: each stage's change is paired item by item with SFT's (eval/significance.py).
-    for key, per_item in (("pass_at_1_vs_sft", scores_by_stage), ("gold_vs_sft", gold_by_stage)):
+    pairings = (("pass_at_1_vs_sft", scores_by_stage), ("gold_vs_sft", gold_by_stage),
+                ("gold_sampled_vs_sft", sampled_gold_by_stage))
+    for key, per_item in pairings:
         if "sft" in per_item:
             for stage, scores in per_item.items():
                 if stage != "sft":

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from scratchllm.config import PPOConfig
+
 # Rows of the comparison table: (metric key, label, how to read it).
 COMPARISON_ROWS: list[tuple[str, str, str]] = [
     ("val_bpb", "validation bits-per-byte", "lower is better; tokenizer-independent"),
@@ -27,6 +29,11 @@ COMPARISON_ROWS: list[tuple[str, str, str]] = [
     ("gold_score", "gold-judge score (mean)", "rule-based judge the preference data was built from"),
     ("gold_vs_sft", "gold-judge change vs SFT", "held-out prompts whose reply the judge scores higher than SFT's, "
      "and lower; exact sign-test p (small: not the luck of these prompts)"),
+    ("learned_reward_sampled", "learned reward, sampled replies", f"{PPOConfig().eval_samples} replies per held-out "
+     f"prompt sampled at temperature {PPOConfig().temperature:g}, the distribution PPO maximises the reward over"),
+    ("gold_score_sampled", "gold-judge score, sampled replies", "the same sampled replies, judged by the rules"),
+    ("gold_sampled_vs_sft", "sampled gold change vs SFT", "sampled replies the judge scores higher than SFT's "
+     "(same prompt, same random draws) and lower; exact sign-test p"),
     ("kl_to_sft", "KL to SFT (nats/token)", "on the model's own greedy replies; 0 for SFT itself"),
 ]
 # "reference": what a policy that never reads the question scores (eval/compare.py), beside the stages.

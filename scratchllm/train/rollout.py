@@ -29,6 +29,13 @@ class Rollout:
     ended: list[bool]  # the reply finished with <|im_end|>
 
 
+def rollout_seed(run_seed: int, draw: int, rows: int) -> int:
+    """The seed of row 0 of rollout `draw`; row r samples with it + r (infer/engine.py), so no two rows of a run
+    share their noise. (run_seed + draw + 1 did: row r of draw k + 1 replayed the draws of row r + 1 of draw k,
+    and a toy PPO run learned its reward markedly slower for it.)"""
+    return (run_seed * 1_000_003 + draw + 1) * rows
+
+
 @torch.no_grad()
 def sample_rollouts(
     model: nn.Module, tok: Tokenizer, prompts: list[list[dict[str, str]]], max_new_tokens: int,

@@ -35,7 +35,7 @@ from scratchllm.train.logprobs import response_token_logprobs
 from scratchllm.train.loop import train
 from scratchllm.train.losses import grpo_advantages, grpo_loss
 from scratchllm.train.rewards import composite_reward, score_task
-from scratchllm.train.rollout import sample_rollouts
+from scratchllm.train.rollout import rollout_seed, sample_rollouts
 from scratchllm.train.stages.runner import base_sections, finish, resolve_sections, stage_main
 
 DEFAULT_LOOP = LoopConfig(max_steps=200, batch_size=1, eval_every=0, checkpoint_every=50, max_time_s=100, log_every=1)
@@ -113,7 +113,7 @@ class GRPOStage:
         prompts = [t["prompt"] for t in tasks for _ in range(G)]
         params = SamplingParams(temperature=self.cfg.temperature)
         rollout = sample_rollouts(self.policy, self.tok, prompts, self.cfg.max_new_tokens, params,
-                                  seed=self.seed + k + 1)
+                                  seed=rollout_seed(self.seed, k, len(prompts)))
         rewards = torch.tensor([self.reward_fn(text, tasks[i // G]) for i, text in enumerate(rollout.texts)])
         correct = [score_task(text, tasks[i // G]) for i, text in enumerate(rollout.texts)]
         advantages, has_signal = grpo_advantages(rewards, G, scale=self.cfg.scale_advantages)

@@ -43,7 +43,7 @@ from scratchllm.train.losses import (
     whiten,
 )
 from scratchllm.train.rewards import gold_score, score_task
-from scratchllm.train.rollout import Rollout, rollout_logprobs, sample_rollouts
+from scratchllm.train.rollout import Rollout, rollout_logprobs, rollout_seed, sample_rollouts
 from scratchllm.train.stages.runner import base_sections, finish, resolve_sections, stage_main
 
 DEFAULT_LOOP = LoopConfig(max_steps=200, batch_size=1, eval_every=0, checkpoint_every=50, max_time_s=75, log_every=1)
@@ -104,7 +104,8 @@ class PPOStage:
         self.position += 1
         records = random.Random(self.seed * 104729 + k).sample(self.train_records, self.cfg.rollout_batch)
         rollout = sample_rollouts(policy, self.tok, [r["prompt"] for r in records], self.cfg.max_new_tokens,
-                                  SamplingParams(temperature=self.cfg.temperature), seed=self.seed + k + 1)
+                                  SamplingParams(temperature=self.cfg.temperature),
+                                  seed=rollout_seed(self.seed, k, self.cfg.rollout_batch))
         old_logprobs, mask = rollout_logprobs(policy, rollout, device)
         ref_logprobs, _ = rollout_logprobs(self.reference, rollout, device)
         scores = reward_model_scores(self.reward_model, rollout, device)
@@ -152,7 +153,11 @@ class PPOStage:
         self.reference.to(device)
         pairs = self.val_pairs[: self.cfg.eval_prompts]
         replies = generate_replies(policy, self.tok, [p["prompt"] for p in pairs], self.cfg.max_new_tokens)
-        return score_replies(policy, self.reference, self.reward_model, self.tok, pairs, replies, device)
+        result = score_replies(policy, self.reference, self.reward_model, self.tok, pairs, replies, device)
+        if self.cfg.eval_samples > 0:
+            result |= sampled_reply_scores(policy, self.reward_model, self.tok, pairs, self.cfg.eval_samples,
+                                           self.cfg.temperature, self.cfg.max_new_tokens, device)[0]
+        return result
 
     def state_dict(self) -> dict[str, Any]:
         return {"position": self.position, "ptx_position": self.ptx_stream.position if self.ptx_stream else 0}
@@ -178,10 +183,8 @@ def gold_scores(pairs: list, replies: list[tuple[str, bool]]) -> list[float]:
     return [gold_score(p["prompt"], text, p.get("task"), ended, p["chosen"]) for p, (text, ended) in zip(pairs, replies)]
 
 
-@torch.no_grad()
-def score_replies(policy: nn.Module, reference: nn.Module, reward_model: ScalarModel, tok: Tokenizer, pairs: list,
-                  replies: list[tuple[str, bool]], device: torch.device) -> dict[str, float]:
-    """Learned reward, gold-judge score, KL to the reference (nats/token) and end rate of held-out replies."""
+def _render_replies(tok: Tokenizer, pairs: list, replies: list[tuple[str, bool]]) -> tuple[Tensor, Tensor, Tensor]:
+    """(ids, reply mask, lengths) of prompt + reply rows, right-padded; an ended reply keeps its <|im_end|>."""
     from scratchllm.data.chat_batches import pad_right
     from scratchllm.tokenizer.chat import render_for_completion
 
@@ -192,8 +195,14 @@ def score_replies(policy: nn.Module, reference: nn.Module, reward_model: ScalarM
         reply = reply or [tok.eos_id]
         rows.append(prompt + reply)
         masks.append([0] * len(prompt) + [1] * len(reply))
-    ids, mask = pad_right(rows, tok.pad_id).to(device), pad_right(masks, 0).bool().to(device)
-    lengths = torch.tensor([len(r) for r in rows], device=device)
+    return pad_right(rows, tok.pad_id), pad_right(masks, 0).bool(), torch.tensor([len(r) for r in rows])
+
+
+@torch.no_grad()
+def score_replies(policy: nn.Module, reference: nn.Module, reward_model: ScalarModel, tok: Tokenizer, pairs: list,
+                  replies: list[tuple[str, bool]], device: torch.device) -> dict[str, float]:
+    """Learned reward, gold-judge score, KL to the reference (nats/token) and end rate of held-out replies."""
+    ids, mask, lengths = (t.to(device) for t in _render_replies(tok, pairs, replies))
     learned = reward_model(ids, lengths)
     logp, m = response_token_logprobs(policy, ids, mask)
     ref_logp, _ = response_token_logprobs(reference, ids, mask)
@@ -204,6 +213,27 @@ def score_replies(policy: nn.Module, reference: nn.Module, reward_model: ScalarM
         "kl_to_sft": float(masked_mean(logp - ref_logp, m)),
         "end_rate": sum(e for _, e in replies) / len(replies),
     }
+
+
+@torch.no_grad()
+def sampled_reply_scores(policy: nn.Module, reward_model: ScalarModel, tok: Tokenizer, pairs: list, n_samples: int,
+                         temperature: float, max_new_tokens: int, device: torch.device, seed: int = 0,
+                         ) -> tuple[dict[str, float], list[float]]:
+    """Learned reward and gold score of `n_samples` replies per held-out prompt sampled at `temperature`, and the
+    gold score of each (sample k of prompt i at k * len(pairs) + i).
+
+    PPO maximises E_{y~π(·|x)}[r(x, y)] over replies sampled at its rollout temperature, so this is where its
+    learned reward should rise and where the gold judge checks that the rise is real; the greedy reply is only
+    the mode of π, and a small shift of the logits flips it. The same seed for every checkpoint pairs the draws."""
+    prompts_k = pairs * n_samples
+    replies = generate_replies(policy, tok, [p["prompt"] for p in prompts_k], max_new_tokens,
+                               params=SamplingParams(temperature=temperature), seed=seed)
+    learned = []
+    for start in range(0, len(replies), 256):  # bounded memory at any preset
+        ids, _, lengths = _render_replies(tok, prompts_k[start : start + 256], replies[start : start + 256])
+        learned += reward_model(ids.to(device), lengths.to(device)).tolist()
+    gold = gold_scores(prompts_k, replies)
+    return {"learned_reward_sampled": sum(learned) / len(learned), "gold_score_sampled": sum(gold) / len(gold)}, gold
 
 
 def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overrides: list[str] | None = None,

@@ -17,7 +17,7 @@ from scratchllm.data.tasks import canonical_reply, task_conversation
 from scratchllm.model.heads import ScalarModel, load_scalar_model
 from scratchllm.tokenizer.chat import render_for_completion
 from scratchllm.train.checkpoint import load_model
-from scratchllm.train.rollout import Rollout
+from scratchllm.train.rollout import Rollout, rollout_seed
 from scratchllm.train.stages import dpo, grpo, ppo, pretrain, reward, sft
 from tests.train.stages.conftest import first_and_last_eval
 
@@ -80,10 +80,31 @@ def test_ppo_raises_a_trivially_learnable_reward(sft_model, monkeypatch) -> None
         return (1 - 2 * (lengths - 1) / 5).to(device)
 
     monkeypatch.setattr(ppo, "reward_model_scores", shorter_is_better)
-    ppo.run(root, root / "sft" / "final", data, FAST + ["--loop.max_steps=24", "--optim.lr=3e-3", "--ppo.rollout_batch=16",
+    # 40 steps = 20 rollouts (2 PPO epochs each): enough that four seeds all rise by > 0.5 (24 steps: some < 0.3).
+    ppo.run(root, root / "sft" / "final", data, FAST + ["--loop.max_steps=40", "--optim.lr=3e-3", "--ppo.rollout_batch=16",
                                                        "--ppo.max_new_tokens=6", "--ppo.eval_prompts=8", "--ppo.kl_coef=0.0"])
     rewards = [r["reward"] for r in _train_rows(root / "ppo")]
     assert sum(rewards[-6:]) / 6 > sum(rewards[:6]) / 6 + 0.3, rewards
+    before, after = first_and_last_eval(root / "ppo")  # the reward-hacking check, greedy and sampled replies
+    assert all(0 <= row[k] <= 1 for row in (before, after) for k in ("gold_score", "gold_score_sampled"))
+
+
+def test_sampled_reply_scores_pair_the_draws_and_equal_the_greedy_scores_at_temperature_0(sft_model) -> None:
+    root, data = sft_model
+    policy, tok, _ = load_model(root / "sft" / "final")
+    torch.manual_seed(0)
+    reward_model = ScalarModel(copy.deepcopy(policy)).eval()  # an untrained head: any fixed scorer will do
+    pairs = read_preferences(data / "prefs_val.jsonl")[:6]
+    device = torch.device("cpu")
+    greedy = ppo.score_replies(policy, policy, reward_model, tok, pairs,
+                               ppo.generate_replies(policy, tok, [p["prompt"] for p in pairs], 12), device)
+    at_zero, gold = ppo.sampled_reply_scores(policy, reward_model, tok, pairs, 3, 0.0, 12, device)
+    assert len(gold) == 3 * len(pairs) and gold[: len(pairs)] == gold[len(pairs) : 2 * len(pairs)]
+    assert at_zero["gold_score_sampled"] == pytest.approx(greedy["gold_score"])
+    assert at_zero["learned_reward_sampled"] == pytest.approx(greedy["learned_reward"], abs=1e-4)
+    first = ppo.sampled_reply_scores(policy, reward_model, tok, pairs, 3, 1.0, 12, device, seed=5)
+    again = ppo.sampled_reply_scores(policy, reward_model, tok, pairs, 3, 1.0, 12, device, seed=5)
+    assert first == again  # the same seed draws the same replies: every checkpoint is scored on paired draws
 
 
 def test_ppo_ranks_draw_different_rollouts_and_one_process_its_usual_stream(tiny_world, monkeypatch) -> None:
@@ -108,8 +129,11 @@ def test_ppo_ranks_draw_different_rollouts_and_one_process_its_usual_stream(tiny
             stage._rollout_batch()
         drawn[rank, world_size] = caught.value.args
     prompts = [r["prompt"] for r in random.Random(5 * 104729).sample(records, 4)]
-    assert drawn[0, 1] == (prompts, 5 + 1)  # the single-process stream
+    assert drawn[0, 1] == (prompts, rollout_seed(5, 0, 4))  # the single-process stream
     assert drawn[0, 2][0] != drawn[1, 2][0] and drawn[0, 2][1] != drawn[1, 2][1]
+    # Row r of a rollout samples with its seed + r: no two rows of a run may share a seed.
+    row_seeds = [rollout_seed(5, k, 4) + r for k in range(100) for r in range(4)]
+    assert len(set(row_seeds)) == len(row_seeds)
 
 
 def test_ppo_adds_the_verifier_of_task_prompts_to_the_reward_model_score(tiny_world, monkeypatch) -> None:
