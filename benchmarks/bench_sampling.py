@@ -26,11 +26,11 @@ def per_row_multinomial(probs: torch.Tensor, generators: list[torch.Generator]) 
     return torch.cat([torch.multinomial(probs[r : r + 1], 1, generator=g).squeeze(-1) for r, g in enumerate(generators)])
 
 
-def best_of(fn, repeats: int = 20) -> float:
+def best_of(fn, *args, repeats: int = 20) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        fn(*args)
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -45,8 +45,8 @@ def main() -> None:
         logits = torch.randn(rows, args.vocab) * 3
         generators = [torch.Generator().manual_seed(r) for r in range(rows)]
         uniforms = torch.rand(rows, dtype=torch.float64)
-        vectorised = best_of(lambda: sample_from_uniforms(logits, uniforms))
-        reference = best_of(lambda: per_row_multinomial(logits.softmax(-1), generators))
+        vectorised = best_of(sample_from_uniforms, logits, uniforms)
+        reference = best_of(lambda lg, gens: per_row_multinomial(lg.softmax(-1), gens), logits, generators)
         print(f"rows={rows:5d}  one sampling step: inverse-CDF {vectorised * 1e3:7.2f} ms   per-row multinomial "
               f"{reference * 1e3:7.2f} ms   ratio {reference / vectorised:5.1f}x")
     torch.manual_seed(0)
