@@ -220,6 +220,11 @@ class RewardConfig:
 @dataclass
 class DPOConfig:
     beta: float = 0.1  # strength of the implicit KL constraint (Rafailov et al. 2023)
+    # Weight of an SFT term, the mean per-token NLL of the chosen reply, beside the DPO loss (RPO: Pang et al.
+    # 2024, arXiv:2404.19733); DPO alone may lower the chosen reply's likelihood as long as the rejected one
+    # falls faster. 0 = plain DPO. From one SFT model, 84 steps, held-out: plain DPO pair accuracy 0.823 and the
+    # judge's score of sampled replies 0.838 -> 0.803 (+40 -187); 0.3: 0.863, 0.829; 1.0: 0.889, 0.839 (+72 -71).
+    sft_weight: float = 1.0
     eval_pairs: int = 350  # held-out preference pairs (the whole prefs_val split)
     eval_prompts: int = 100  # held-out conversations for the end-of-reply rate
     eval_tasks: int = 480  # held-out verifiable tasks for pass@1

@@ -1,4 +1,5 @@
-"""Direct preference optimisation against a frozen reference (the SFT model), on the same preference pairs.
+"""Direct preference optimisation against a frozen reference (the SFT model), on the same preference pairs,
+with an SFT term on the chosen replies (RPO, `--dpo.sft_weight`; 0 = plain DPO).
 
 Headline metrics on held-out pairs: preference accuracy under the implicit reward β·(log π - log π_ref),
 chosen/rejected margins, plus end-of-reply rate and task pass@1 so DPO sits in the same report columns.
@@ -55,7 +56,12 @@ class DPOStage:
         with torch.no_grad():
             ref_chosen, ref_rejected = self._logps(self.reference, batch)
         chosen, rejected = self._logps(model, batch)
-        return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.cfg.beta)
+        loss, stats = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.cfg.beta)
+        if self.cfg.sft_weight > 0:  # RPO: + α · NLL per token of the chosen reply
+            chosen_nll = (-chosen / batch["chosen_mask"].sum(1).clamp(min=1)).mean()
+            loss = loss + self.cfg.sft_weight * chosen_nll
+            stats["chosen_nll"] = float(chosen_nll.detach())
+        return loss, stats
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:

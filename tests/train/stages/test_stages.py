@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from scratchllm.config import ConfigError, GRPOConfig, PPOConfig, SFTConfig
+from scratchllm.config import ConfigError, DPOConfig, GRPOConfig, LoopConfig, PPOConfig, SFTConfig
 from scratchllm.data.chat_batches import pad_right, sft_batch
 from scratchllm.data.jsonl import read_conversations, read_preferences, read_tasks
 from scratchllm.data.tasks import canonical_reply, task_conversation
 from scratchllm.model.heads import ScalarModel, load_scalar_model
 from scratchllm.tokenizer.chat import render_for_completion
 from scratchllm.train.checkpoint import load_model
+from scratchllm.train.logprobs import sequence_logprobs
 from scratchllm.train.rollout import Rollout, rollout_seed
 from scratchllm.train.stages import dpo, grpo, ppo, pretrain, reward, sft
 from tests.train.stages.conftest import first_and_last_eval
@@ -184,6 +185,21 @@ def test_ppo_ptx_adds_the_weighted_sft_loss_and_resumes_its_stream(tiny_world) -
     assert torch.isclose(mixed - plain, torch.tensor(2.0 * stats["ptx_loss"]), atol=1e-4)
     stage.load_state_dict({"position": 3, "ptx_position": 7})
     assert stage.state_dict() == {"position": 3, "ptx_position": 7}
+
+
+def test_dpo_sft_weight_adds_the_per_token_nll_of_the_chosen_reply(tiny_world) -> None:
+    data, base = tiny_world
+    model, tok, _ = load_model(base)
+    pairs = read_preferences(data / "prefs_train.jsonl")[:4]
+    losses = {}
+    for weight in (0.0, 0.5):
+        stage = dpo.DPOStage(tok, copy.deepcopy(model), pairs, [], [], [], DPOConfig(sft_weight=weight),
+                             LoopConfig(batch_size=4))
+        batch = next(stage.batches("train"))
+        losses[weight] = stage.loss(model, batch)[0]
+    logps = sequence_logprobs(model, batch["chosen"], batch["chosen_mask"])
+    nll_per_token = (-logps / batch["chosen_mask"][:, 1:].sum(1)).mean()  # the scored tokens: targets ids[1:]
+    assert torch.isclose(losses[0.5] - losses[0.0], 0.5 * nll_per_token, atol=1e-5)
 
 
 def test_lora_on_reward_and_ppo_trains_adapters_and_heads_only(sft_model, tmp_path) -> None:
