@@ -63,7 +63,7 @@ def generate(
     seeds = seed if isinstance(seed, list) else [None if seed is None else seed + row for row in range(B)]
     # Seeded rows draw all their uniforms up front from their own generator (one call per row, not per step);
     # sampling is then one vectorised inverse-CDF call, and a row's text still depends only on its seed.
-    uniforms = None if seed is None else torch.stack([_row_uniforms(s, max(budget, 1)) for s in seeds])
+    uniforms = None if seed is None else torch.stack([_row_uniforms(s, max(budget, 1)) for s in seeds]).to(device)
     greedy = torch.tensor([p.temperature == 0 for p in row_params], device=device)
     uniform = not isinstance(params, list) and seed is None  # one vectorised sampling call for the whole batch
     local_kv_heads = model.layers[0].self_attn.n_kv_heads  # this process's share under tensor parallelism
