@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from scratchllm.config import LoopConfig, OptimConfig, PPOConfig, SFTConfig
 from scratchllm.data.chat_batches import EpochStream, render_sft, sft_batch
-from scratchllm.data.jsonl import read_conversations, read_preferences
+from scratchllm.data.jsonl import read_conversations, read_preferences, read_tasks
 from scratchllm.eval.chat_eval import generate_replies
 from scratchllm.infer.sampling import SamplingParams
 from scratchllm.model.gpt import GPT
@@ -177,6 +177,21 @@ class PPOStage:
         save_final_model(model.policy, self.tok, directory, self.sections)
 
 
+def reference_task_targets(conversations: list, task_questions: set[str], reference: nn.Module, tok: Tokenizer,
+                           max_new_tokens: int = 24) -> list:
+    """The conversations with the last reply to each task question replaced by the reference model's greedy reply.
+
+    PPO-ptx with these targets is self-distillation on task questions: it keeps the SFT model's answers where the
+    data's right answers, which a model that cannot read the question can only guess, would move the guess."""
+    is_task = [len(c["messages"]) >= 2 and c["messages"][-1]["role"] == "assistant"
+               and c["messages"][-2]["content"] in task_questions
+               for c in conversations]
+    questions = [c["messages"][:-1] for c, task in zip(conversations, is_task) if task]
+    replies = iter(generate_replies(reference, tok, questions, max_new_tokens))
+    return [{**c, "messages": c["messages"][:-1] + [{"role": "assistant", "content": next(replies)[0]}]} if task else c
+            for c, task in zip(conversations, is_task)]
+
+
 def gold_scores(pairs: list, replies: list[tuple[str, bool]]) -> list[float]:
     """The rule-based gold judge's score of each held-out reply (the rules the preference data was built from),
     with the pair's chosen reply as the on-topic reference."""
@@ -256,7 +271,11 @@ def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overri
         train_pairs = [p for p in train_pairs if not p.get("task")]
     stage = PPOStage(tok, reference, rm, train_pairs, val_pairs, sections["ppo"], sections["loop"].seed)
     if sections["ppo"].ptx_coef > 0:
-        stage.add_ptx_data(read_conversations(Path(data_dir) / "sft_train.jsonl"), SFTConfig().max_len)
+        conversations = read_conversations(Path(data_dir) / "sft_train.jsonl")
+        if sections["ppo"].ptx_targets == "reference":
+            task_questions = {t["prompt"][-1]["content"] for t in read_tasks(Path(data_dir) / "tasks_train.jsonl")}
+            conversations = reference_task_targets(conversations, task_questions, reference, tok)
+        stage.add_ptx_data(conversations, SFTConfig().max_len)
     stage.sections = sections
     stage.model = model
     metrics = train(model, stage, sections["optim"], sections["loop"], stage_dir, resume=resume, tokenizer=tok,

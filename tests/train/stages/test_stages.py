@@ -187,6 +187,22 @@ def test_ppo_ptx_adds_the_weighted_sft_loss_and_resumes_its_stream(tiny_world) -
     assert stage.state_dict() == {"position": 3, "ptx_position": 7}
 
 
+def test_ppo_ptx_reference_targets_replace_task_replies_with_the_reference_models_own(tiny_world) -> None:
+    data, base = tiny_world
+    model, tok, _ = load_model(base)
+    conversations = read_conversations(data / "sft_train.jsonl")[:40]
+    questions = {t["prompt"][-1]["content"] for t in read_tasks(data / "tasks_train.jsonl")}
+    targets = ppo.reference_task_targets(conversations, questions, model, tok)
+    is_task = [c["messages"][-2]["content"] in questions for c in conversations]
+    assert 0 < sum(is_task) < len(conversations)
+    for before, after, task in zip(conversations, targets, is_task):
+        assert after["messages"][:-1] == before["messages"][:-1]
+        expected = ppo.generate_replies(model, tok, [before["messages"][:-1]], 24)[0][0] if task else None
+        assert after["messages"][-1]["content"] == (expected if task else before["messages"][-1]["content"])
+    with pytest.raises(ConfigError):
+        PPOConfig(ptx_targets="teacher")
+
+
 def test_dpo_sft_weight_adds_the_per_token_nll_of_the_chosen_reply(tiny_world) -> None:
     data, base = tiny_world
     model, tok, _ = load_model(base)
