@@ -270,8 +270,8 @@ class PPOConfig:
     # Targets of the PPO-ptx term on task questions: "data" (the SFT set's right answers) or "reference" (the SFT
     # model's own greedy replies). The model cannot read most task operands, so fitting new batches of right
     # answers moves its guess by batch order (one seed went from "1" to "2" on 56 of 80 held-out questions);
-    # "reference" holds the guess. Two seeds, one run's models (docs/ppo.md): sampled gold +101 -66 and +110 -71
-    # (p < 0.01), task answers kept; not yet the default, which the README's full run measured.
+    # "reference" holds the guess (4 of 4 runs, docs/ppo.md) and raised the learned reward in all four, but on one
+    # run's models the greedy chat replies drifted more (gold +1 -16 for one seed): not the default.
     ptx_targets: str = "data"
 
     def __post_init__(self) -> None:
