@@ -101,12 +101,6 @@ def constant_answer_scores(train_tasks: list[dict[str, Any]], tasks: list[dict[s
             if by_family[t["family"]] else 0.0 for t in tasks]
 
 
-def constant_answer_pass_at_1(train_tasks: list[dict[str, Any]], tasks: list[dict[str, Any]]) -> float:
-    """Mean of `constant_answer_scores`: the answer-prior reference for task pass@1."""
-    scores = constant_answer_scores(train_tasks, tasks)
-    return sum(scores) / max(len(scores), 1)
-
-
 def constant_answer_by_family(train_tasks: list[dict[str, Any]], tasks: list[dict[str, Any]]) -> dict[str, float]:
     """The answer-prior reference with the keys of `pass_at_1_by_family`: overall and per family."""
     return pass_at_1_by_family(tasks, constant_answer_scores(train_tasks, tasks))

@@ -3,8 +3,8 @@
 Rows: validation bits-per-byte, in-context copy accuracy, end-of-reply rate, task pass@1 (greedy, overall and per
 family) and its paired change against SFT's (tasks won, lost, exact McNemar p: eval/significance.py),
 reward-model accuracy, learned reward and gold-judge score of held-out replies, greedy and sampled at PPO's
-rollout temperature (the gold score also paired with SFT's, reply by reply), KL to SFT. Columns: pretrain, SFT, DPO, PPO, GRPO, and a "reference" column: the task
-pass@1 of answering without reading the question.
+rollout temperature (the gold score also paired with SFT's, reply by reply), KL to SFT. Columns: pretrain, SFT,
+DPO, PPO, GRPO, and a "reference" column: the task pass@1 of answering without reading the question.
 """
 
 from __future__ import annotations

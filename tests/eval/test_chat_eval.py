@@ -27,7 +27,7 @@ def test_sampled_pass_at_1_averages_samples_and_pass_at_k_takes_any(monkeypatch)
 
 
 def test_constant_answer_baseline_uses_each_familys_commonest_training_answer() -> None:
-    from scratchllm.eval.chat_eval import constant_answer_pass_at_1
+    from scratchllm.eval.chat_eval import constant_answer_scores
 
     def task(family: str, answer: str, lang: str = "en") -> dict:
         return {"family": family, "lang": lang, "answer": answer, "verifier": "math",
@@ -36,7 +36,7 @@ def test_constant_answer_baseline_uses_each_familys_commonest_training_answer() 
     train = [task("add", "3"), task("add", "3"), task("add", "5"), task("compare", "9")]
     held_out = [task("add", "3"), task("add", "5", "zh"), task("compare", "9"), task("sort", "1")]
     # add -> "3" (right once of twice), compare -> "9" (right), sort never seen in training (wrong)
-    assert constant_answer_pass_at_1(train, held_out) == 2 / 4
+    assert sum(constant_answer_scores(train, held_out)) / 4 == 2 / 4
 
 
 def test_copy_accuracy_is_one_for_a_copier_and_near_zero_for_a_model_that_ignores_context() -> None:
