@@ -179,17 +179,22 @@ class PPOStage:
 
 def reference_task_targets(conversations: list, task_questions: set[str], reference: nn.Module, tok: Tokenizer,
                            max_new_tokens: int = 24) -> list:
-    """The conversations with the last reply to each task question replaced by the reference model's greedy reply.
+    """The conversations with the last reply to each task question replaced by the reference model's greedy reply
+    (kept as written where the reference did not end its reply: the target would teach <|im_end|> after a cut).
 
     PPO-ptx with these targets is self-distillation on task questions: it keeps the SFT model's answers where the
     data's right answers, which a model that cannot read the question can only guess, would move the guess."""
     is_task = [len(c["messages"]) >= 2 and c["messages"][-1]["role"] == "assistant"
                and c["messages"][-2]["content"] in task_questions
                for c in conversations]
-    questions = [c["messages"][:-1] for c, task in zip(conversations, is_task) if task]
-    replies = iter(generate_replies(reference, tok, questions, max_new_tokens))
-    return [{**c, "messages": c["messages"][:-1] + [{"role": "assistant", "content": next(replies)[0]}]} if task else c
-            for c, task in zip(conversations, is_task)]
+    replies = iter(generate_replies(reference, tok, [c["messages"][:-1] for c, t in zip(conversations, is_task) if t],
+                                    max_new_tokens))
+    out = []
+    for conversation, task in zip(conversations, is_task):
+        text, ended = next(replies) if task else ("", False)
+        out.append({**conversation, "messages": conversation["messages"][:-1] + [{"role": "assistant", "content": text}]}
+                   if ended else conversation)
+    return out
 
 
 def gold_scores(pairs: list, replies: list[tuple[str, bool]]) -> list[float]:
