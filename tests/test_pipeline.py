@@ -30,8 +30,10 @@ def test_toy_pipeline_end_to_end_and_resumes(tmp_path: Path, capsys) -> None:
         for key in ("val_bpb", "copy_accuracy", "end_rate", "pass_at_1", "learned_reward", "gold_score", "kl_to_sft"):
             assert isinstance(row[key], float) and math.isfinite(row[key]), (stage, key)
         if stage != "pretrain":  # replies sampled at PPO's temperature: a chat policy's metric
-            for key in ("learned_reward_sampled", "gold_score_sampled"):
+            for key in ("learned_reward_sampled", "gold_score_sampled", "judge_pairs_sampled"):
                 assert isinstance(row[key], float) and math.isfinite(row[key]), (stage, key)
+            if row["judge_pairs_sampled"] > 0:  # toy replies the judge tells apart: the reward model's agreement
+                assert 0 <= row["rm_judge_agreement_sampled"] <= 1, stage
         if stage != "sft":  # paired with SFT's answers on the same prompts: "+won −lost, p=…"
             for key in ("pass_at_1_vs_sft", "gold_vs_sft") + (("gold_sampled_vs_sft",) if stage != "pretrain" else ()):
                 assert re.fullmatch(r"\+\d+ −\d+, p=\S+", row[key]), (stage, key, row[key])

@@ -3,7 +3,8 @@
 Rows: validation bits-per-byte, in-context copy accuracy, end-of-reply rate, task pass@1 (greedy, overall and per
 family) and its paired change against SFT's (tasks won, lost, exact McNemar p: eval/significance.py),
 reward-model accuracy, learned reward and gold-judge score of held-out replies, greedy and sampled at PPO's
-rollout temperature (the gold score also paired with SFT's, reply by reply), KL to SFT. Columns: pretrain, SFT,
+rollout temperature (the gold score also paired with SFT's, reply by reply), how often the reward model orders
+two sampled replies as the judge does, KL to SFT. Columns: pretrain, SFT,
 DPO, PPO, GRPO, and a "reference" column: the task pass@1 of answering without reading the question.
 """
 
@@ -37,7 +38,7 @@ def compare_checkpoints(
 ) -> dict[str, dict[str, float | str | None]]:
     dev = resolve_device(device)
     n_val_convs, n_tasks, n_prefs, n_windows = (16, 22, 16, 2) if quick else (100, 480, 350, 16)  # all of prefs_val
-    n_samples = 1 if quick else PPOConfig().eval_samples
+    n_samples = 2 if quick else PPOConfig().eval_samples  # at least 2: the judge-agreement row compares replies
     convs = read_conversations(data_dir / "chat" / "sft_val.jsonl")[:n_val_convs]
     tasks = read_tasks(data_dir / "chat" / "tasks_val.jsonl")[:n_tasks]
     pairs = read_preferences(data_dir / "chat" / "prefs_val.jsonl")[:n_prefs]

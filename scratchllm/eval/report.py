@@ -34,6 +34,9 @@ COMPARISON_ROWS: list[tuple[str, str, str]] = [
     ("gold_score_sampled", "gold-judge score, sampled replies", "the same sampled replies, judged by the rules"),
     ("gold_sampled_vs_sft", "sampled gold change vs SFT", "sampled replies the judge scores higher than SFT's "
      "(same prompt, same random draws) and lower; exact sign-test p"),
+    ("rm_judge_agreement_sampled", "reward model agrees with the judge", "pairs of sampled replies to one prompt "
+     "that the judge scores differently, ordered the same way by the reward model: its accuracy where this policy "
+     "samples; a fall after PPO means PPO moved to where the reward model is wrong (reward hacking)"),
     ("kl_to_sft", "KL to SFT (nats/token)", "on the model's own greedy replies; 0 for SFT itself"),
 ]
 # "reference": what a policy that never reads the question scores (eval/compare.py), beside the stages.

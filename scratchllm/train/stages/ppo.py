@@ -239,8 +239,9 @@ def score_replies(policy: nn.Module, reference: nn.Module, reward_model: ScalarM
 def sampled_reply_scores(policy: nn.Module, reward_model: ScalarModel, tok: Tokenizer, pairs: list, n_samples: int,
                          temperature: float, max_new_tokens: int, device: torch.device, seed: int = 0,
                          ) -> tuple[dict[str, float], list[float]]:
-    """Learned reward and gold score of `n_samples` replies per held-out prompt sampled at `temperature`, and the
-    gold score of each (sample k of prompt i at k * len(pairs) + i).
+    """Learned reward and gold score of `n_samples` replies per held-out prompt sampled at `temperature`, how
+    often the reward model orders two replies to a prompt as the judge does (`judge_agreement`, where the judge
+    tells them apart), and the gold score of each reply (sample k of prompt i at k * len(pairs) + i).
 
     PPO maximises E_{y~π(·|x)}[r(x, y)] over replies sampled at its rollout temperature, so this is where its
     learned reward should rise and where the gold judge checks that the rise is real; the greedy reply is only
@@ -253,7 +254,31 @@ def sampled_reply_scores(policy: nn.Module, reward_model: ScalarModel, tok: Toke
         ids, _, lengths = _render_replies(tok, prompts_k[start : start + 256], replies[start : start + 256])
         learned += reward_model(ids.to(device), lengths.to(device)).tolist()
     gold = gold_scores(prompts_k, replies)
-    return {"learned_reward_sampled": sum(learned) / len(learned), "gold_score_sampled": sum(gold) / len(gold)}, gold
+    agree, told_apart = judge_agreement(learned, gold, len(pairs))
+    metrics = {"learned_reward_sampled": sum(learned) / len(learned), "gold_score_sampled": sum(gold) / len(gold),
+               "judge_pairs_sampled": float(told_apart)}
+    if told_apart:
+        metrics["rm_judge_agreement_sampled"] = agree / told_apart
+    return metrics, gold
+
+
+def judge_agreement(learned: list[float], gold: list[float], n_prompts: int) -> tuple[int, int]:
+    """(agreeing, compared): among replies to the same prompt that the gold judge scores differently, how many
+    pairs the reward model orders the same way (a tie counts as disagreeing). Reply k of prompt i sits at
+    k * n_prompts + i.
+
+    The reward model's accuracy on the policy's own replies, which is where PPO leans on it: its accuracy on
+    the preference data's pairs says little about replies unlike them, and a policy that moves to where the two
+    disagree is exploiting the reward model (reward over-optimisation, Gao et al. 2022, arXiv:2210.10760)."""
+    agree = compared = 0
+    for i in range(n_prompts):
+        ks = range(i, len(gold), n_prompts)
+        for a in ks:
+            for b in ks:
+                if a < b and gold[a] != gold[b]:
+                    compared += 1
+                    agree += (learned[a] - learned[b]) * (gold[a] - gold[b]) > 0
+    return agree, compared
 
 
 def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overrides: list[str] | None = None,

@@ -103,9 +103,20 @@ def test_sampled_reply_scores_pair_the_draws_and_equal_the_greedy_scores_at_temp
     assert len(gold) == 3 * len(pairs) and gold[: len(pairs)] == gold[len(pairs) : 2 * len(pairs)]
     assert at_zero["gold_score_sampled"] == pytest.approx(greedy["gold_score"])
     assert at_zero["learned_reward_sampled"] == pytest.approx(greedy["learned_reward"], abs=1e-4)
+    assert at_zero["judge_pairs_sampled"] == 0 and "rm_judge_agreement_sampled" not in at_zero  # identical replies
     first = ppo.sampled_reply_scores(policy, reward_model, tok, pairs, 3, 1.0, 12, device, seed=5)
     again = ppo.sampled_reply_scores(policy, reward_model, tok, pairs, 3, 1.0, 12, device, seed=5)
     assert first == again  # the same seed draws the same replies: every checkpoint is scored on paired draws
+
+
+def test_judge_agreement_counts_pairs_the_judge_tells_apart_by_prompt() -> None:
+    # Two prompts, three replies each (reply k of prompt i at 2k + i).
+    learned = [1.0, 5.0, 2.0, 3.0, 2.0, 0.0]
+    gold = [0.5, 1.0, 1.0, 1.0, 0.75, 0.5]
+    # Prompt 0: (0, 2) and (0, 4) agree, (2, 4) is a learned-reward tie (disagrees). Prompt 1: (1, 3) the judge
+    # cannot tell apart (not counted), (1, 5) and (3, 5) agree. Replies to different prompts are never compared.
+    assert ppo.judge_agreement(learned, gold, 2) == (4, 5)
+    assert ppo.judge_agreement([-x for x in learned], gold, 2) == (0, 5)
 
 
 def test_ppo_ranks_draw_different_rollouts_and_one_process_its_usual_stream(tiny_world, monkeypatch) -> None:
