@@ -79,17 +79,28 @@ class PPOStage:
         self.position = 0
         self.model: PolicyAndValue | None = None
         self.ptx_stream: EpochStream | None = None
+        self.ptx_max_len = 0
+        self.reference_questions: set[str] = set()
 
-    def add_ptx_data(self, conversations: list, max_len: int) -> None:
-        """SFT conversations for the PPO-ptx term (used when cfg.ptx_coef > 0)."""
-        self.ptx_stream = EpochStream(render_sft(self.tok, conversations, max_len), self.cfg.ptx_batch, self.seed)
+    def add_ptx_data(self, conversations: list, max_len: int, reference_questions: set[str] | None = None) -> None:
+        """SFT conversations for the PPO-ptx term (used when cfg.ptx_coef > 0). A conversation whose last question
+        is in `reference_questions` is fitted to the reference model's greedy reply, generated when its batch is
+        drawn (`reference_task_targets`), not to the reply written in the data."""
+        trainable = [c for c in conversations if render_sft(self.tok, [c], max_len)]
+        self.ptx_stream = EpochStream(trainable, self.cfg.ptx_batch, self.seed)
+        self.ptx_max_len, self.reference_questions = max_len, reference_questions or set()
+
+    def _ptx_batch(self, conversations: list) -> dict[str, Tensor]:
+        if self.reference_questions:
+            conversations = reference_task_targets(conversations, self.reference_questions, self.reference, self.tok)
+        return sft_batch(render_sft(self.tok, conversations, self.ptx_max_len), self.tok.pad_id)
 
     def batches(self, split: str) -> Iterator[dict[str, Any]]:
         ptx = iter(self.ptx_stream) if self.ptx_stream is not None and self.cfg.ptx_coef > 0 else None
         while True:
             batch = self._rollout_batch()
             for _ in range(self.cfg.ppo_epochs):
-                yield batch if ptx is None else {**batch, "ptx": sft_batch(next(ptx), self.tok.pad_id)}
+                yield batch if ptx is None else {**batch, "ptx": self._ptx_batch(next(ptx))}
 
     @torch.no_grad()
     def _rollout_batch(self) -> dict[str, Any]:
@@ -302,10 +313,10 @@ def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overri
     stage = PPOStage(tok, reference, rm, train_pairs, val_pairs, sections["ppo"], sections["loop"].seed)
     if sections["ppo"].ptx_coef > 0:
         conversations = read_conversations(Path(data_dir) / "sft_train.jsonl")
+        task_questions = None
         if sections["ppo"].ptx_targets == "reference":
             task_questions = {t["prompt"][-1]["content"] for t in read_tasks(Path(data_dir) / "tasks_train.jsonl")}
-            conversations = reference_task_targets(conversations, task_questions, reference, tok)
-        stage.add_ptx_data(conversations, SFTConfig().max_len)
+        stage.add_ptx_data(conversations, SFTConfig().max_len, task_questions)
     stage.sections = sections
     stage.model = model
     metrics = train(model, stage, sections["optim"], sections["loop"], stage_dir, resume=resume, tokenizer=tok,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from scratchllm.config import ConfigError, DPOConfig, GRPOConfig, LoopConfig, PPOConfig, SFTConfig
-from scratchllm.data.chat_batches import pad_right, sft_batch
+from scratchllm.data.chat_batches import pad_right
 from scratchllm.data.jsonl import read_conversations, read_preferences, read_tasks
 from scratchllm.data.tasks import canonical_reply, task_conversation
 from scratchllm.model.heads import ScalarModel, load_scalar_model
@@ -190,7 +190,7 @@ def test_ppo_ptx_adds_the_weighted_sft_loss_and_resumes_its_stream(tiny_world) -
         stage.add_ptx_data(conversations, 64)
         batch = next(stage.batches("train"))
         assert ("ptx" in batch) == (coef > 0)
-        batch["ptx"] = sft_batch(stage.ptx_stream.batch_items(0), tok.pad_id)  # the same SFT rows for both
+        batch["ptx"] = stage._ptx_batch(stage.ptx_stream.batch_items(0))  # the same SFT rows for both
         losses[coef] = stage.loss(stage.model, batch)
     (plain, _), (mixed, stats) = losses[0.0], losses[2.0]
     assert torch.isclose(mixed - plain, torch.tensor(2.0 * stats["ptx_loss"]), atol=1e-4)
@@ -216,6 +216,16 @@ def test_ppo_ptx_reference_targets_replace_task_replies_with_the_reference_model
     assert replaced > 0
     with pytest.raises(ConfigError):
         PPOConfig(ptx_targets="teacher")
+    # The stage generates these targets for the conversations of each drawn PPO-ptx batch only.
+    stage = ppo.PPOStage(tok, model, ScalarModel(model), [], [], PPOConfig(ptx_batch=len(conversations)), seed=0)
+    stage.add_ptx_data(conversations, 256, reference_questions=questions)
+    drawn = stage.ptx_stream.batch_items(0)
+    ptx = stage._ptx_batch(drawn)
+    expected = {c["messages"][-2]["content"]: c["messages"][-1]["content"]
+                for c in ppo.reference_task_targets(drawn, questions, model, tok)}
+    for row, conversation in enumerate(drawn):  # each row's trained tokens end with the expected last reply
+        reply = tok.encode(expected[conversation["messages"][-2]["content"]]) + [tok.im_end_id]
+        assert ptx["targets"][row][ptx["mask"][row]].tolist()[-len(reply) :] == reply
 
 
 def test_dpo_sft_weight_adds_the_per_token_nll_of_the_chosen_reply(tiny_world) -> None:
