@@ -92,7 +92,11 @@ class PPOStage:
 
     def _ptx_batch(self, conversations: list) -> dict[str, Tensor]:
         if self.reference_questions:
-            conversations = reference_task_targets(conversations, self.reference_questions, self.reference, self.tok)
+            sampled = self.cfg.ptx_targets == "sampled"
+            conversations = reference_task_targets(
+                conversations, self.reference_questions, self.reference, self.tok,
+                params=SamplingParams(temperature=1.0) if sampled else None,
+                seed=rollout_seed(self.seed + 1, self.ptx_stream.position, self.cfg.ptx_batch) if sampled else None)
         return sft_batch(render_sft(self.tok, conversations, self.ptx_max_len), self.tok.pad_id)
 
     def batches(self, split: str) -> Iterator[dict[str, Any]]:
@@ -189,7 +193,8 @@ class PPOStage:
 
 
 def reference_task_targets(conversations: list, task_questions: set[str], reference: nn.Module, tok: Tokenizer,
-                           max_new_tokens: int = 24) -> list:
+                           max_new_tokens: int = 24, params: SamplingParams | None = None, seed: int | None = None,
+                           ) -> list:
     """The conversations with the last reply to each task question replaced by the reference model's greedy reply
     (kept as written where the reference did not end its reply: the target would teach <|im_end|> after a cut).
 
@@ -199,7 +204,7 @@ def reference_task_targets(conversations: list, task_questions: set[str], refere
                and c["messages"][-2]["content"] in task_questions
                for c in conversations]
     replies = iter(generate_replies(reference, tok, [c["messages"][:-1] for c, t in zip(conversations, is_task) if t],
-                                    max_new_tokens))
+                                    max_new_tokens, params=params, seed=seed))
     out = []
     for conversation, task in zip(conversations, is_task):
         text, ended = next(replies) if task else ("", False)
@@ -314,7 +319,7 @@ def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overri
     if sections["ppo"].ptx_coef > 0:
         conversations = read_conversations(Path(data_dir) / "sft_train.jsonl")
         task_questions = None
-        if sections["ppo"].ptx_targets == "reference":
+        if sections["ppo"].ptx_targets in ("reference", "sampled"):
             task_questions = {t["prompt"][-1]["content"] for t in read_tasks(Path(data_dir) / "tasks_train.jsonl")}
         stage.add_ptx_data(conversations, SFTConfig().max_len, task_questions)
     stage.sections = sections
