@@ -214,7 +214,7 @@ def test_ppo_ptx_reference_targets_replace_task_replies_with_the_reference_model
         assert after["messages"][-1]["content"] == (text if task and ended else before["messages"][-1]["content"])
         replaced += task and ended
     assert replaced > 0
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="data, reference or sampled"):
         PPOConfig(ptx_targets="teacher")
     # The stage generates these targets for the conversations of each drawn PPO-ptx batch only.
     stage = ppo.PPOStage(tok, model, ScalarModel(model), [], [], PPOConfig(ptx_batch=len(conversations)), seed=0)
@@ -226,6 +226,19 @@ def test_ppo_ptx_reference_targets_replace_task_replies_with_the_reference_model
     for row, conversation in enumerate(drawn):  # each row's trained tokens end with the expected last reply
         reply = tok.encode(expected[conversation["messages"][-2]["content"]]) + [tok.im_end_id]
         assert ptx["targets"][row][ptx["mask"][row]].tolist()[-len(reply) :] == reply
+    # "sampled": the reference's replies drawn at temperature 1, fresh noise for each draw of the stream, the same
+    # noise for the same draw (a resumed run fits the same targets); chat replies stay as written.
+    stage.cfg = PPOConfig(ptx_batch=len(conversations), ptx_targets="sampled")
+    last_replies = []
+    for position in (1, 1, 2):
+        stage.ptx_stream.position = position
+        ptx = stage._ptx_batch(drawn)
+        last_replies.append([ptx["targets"][row][ptx["mask"][row]].tolist() for row in range(len(drawn))])
+    assert last_replies[0] == last_replies[1] and last_replies[1] != last_replies[2]
+    chat = [row for row, c in enumerate(drawn) if c["messages"][-2]["content"] not in questions]
+    assert chat and all(last_replies[0][row] == last_replies[2][row] for row in chat)
+    assert all(tok.decode(last_replies[2][row][-len(tok.encode(drawn[row]["messages"][-1]["content"])) - 1 : -1])
+               == drawn[row]["messages"][-1]["content"] for row in chat)
 
 
 def test_dpo_sft_weight_adds_the_per_token_nll_of_the_chosen_reply(tiny_world) -> None:
