@@ -272,7 +272,8 @@ class PPOConfig:
     # The model cannot read most task operands: fitting new batches of right answers moves its guess by batch
     # order (pass@1 fell in 5 of 6 seed runs, once to 0.098), and fitting its own greedy replies sharpens it (KL to
     # SFT 0.31 and greedy gold +7 -18 in one full run). Samples keep the guess's distribution: on two runs' models x
-    # two seeds, KL 0.11-0.13, task answers held in 4 of 4, no gold change beyond noise (docs/ppo.md).
+    # two seeds, KL 0.11-0.13, task answers held in 4 of 4, no gold change beyond noise; in the full run made with
+    # it (the README's) gold held for both seeds but pass@1 fell for both (+5 -15, +6 -25): not solved (docs/ppo.md).
     ptx_targets: str = "sampled"
 
     def __post_init__(self) -> None:
