@@ -217,7 +217,8 @@ def test_ppo_ptx_reference_targets_replace_task_replies_with_the_reference_model
     with pytest.raises(ConfigError, match="data, reference or sampled"):
         PPOConfig(ptx_targets="teacher")
     # The stage generates these targets for the conversations of each drawn PPO-ptx batch only.
-    stage = ppo.PPOStage(tok, model, ScalarModel(model), [], [], PPOConfig(ptx_batch=len(conversations)), seed=0)
+    stage = ppo.PPOStage(tok, model, ScalarModel(model), [], [],
+                         PPOConfig(ptx_batch=len(conversations), ptx_targets="reference"), seed=0)
     stage.add_ptx_data(conversations, 256, reference_questions=questions)
     drawn = stage.ptx_stream.batch_items(0)
     ptx = stage._ptx_batch(drawn)
