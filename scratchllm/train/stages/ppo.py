@@ -84,14 +84,17 @@ class PPOStage:
 
     def add_ptx_data(self, conversations: list, max_len: int, reference_questions: set[str] | None = None) -> None:
         """SFT conversations for the PPO-ptx term (used when cfg.ptx_coef > 0). A conversation whose last question
-        is in `reference_questions` is fitted to the reference model's greedy reply, generated when its batch is
-        drawn (`reference_task_targets`), not to the reply written in the data."""
+        is in `reference_questions` is fitted to a reply of the reference model (greedy, or sampled when
+        cfg.ptx_targets is "sampled"), generated when its batch is drawn (`reference_task_targets`), not to the
+        reply written in the data."""
         trainable = [c for c in conversations if render_sft(self.tok, [c], max_len)]
         self.ptx_stream = EpochStream(trainable, self.cfg.ptx_batch, self.seed)
         self.ptx_max_len, self.reference_questions = max_len, reference_questions or set()
 
     def _ptx_batch(self, conversations: list) -> dict[str, Tensor]:
         if self.reference_questions:
+            # Samples at temperature 1 are draws from π_ref itself: their CE is KL(π_ref ‖ π) in expectation, so
+            # the guess keeps its distribution; greedy targets sharpen it.
             sampled = self.cfg.ptx_targets == "sampled"
             conversations = reference_task_targets(
                 conversations, self.reference_questions, self.reference, self.tok,
@@ -195,8 +198,9 @@ class PPOStage:
 def reference_task_targets(conversations: list, task_questions: set[str], reference: nn.Module, tok: Tokenizer,
                            max_new_tokens: int = 24, params: SamplingParams | None = None, seed: int | None = None,
                            ) -> list:
-    """The conversations with the last reply to each task question replaced by the reference model's greedy reply
-    (kept as written where the reference did not end its reply: the target would teach <|im_end|> after a cut).
+    """The conversations with the last reply to each task question replaced by the reference model's reply, greedy
+    or drawn with `params` and `seed` (kept as written where the reference did not end its reply: the target would
+    teach <|im_end|> after a cut).
 
     PPO-ptx with these targets is self-distillation on task questions: it keeps the SFT model's answers where the
     data's right answers, which a model that cannot read the question can only guess, would move the guess."""
