@@ -240,6 +240,11 @@ class PPOConfig:
     # check arithmetic) for reward: learned reward 6.9 -> 8.2, gold 0.880 -> 0.868, task pass@1 0.135 -> 0.044,
     # KL 0.76; 0.2 gave 6.9 -> 8.0 with gold 0.880 -> 0.879 and KL 0.36 (75 steps, one default run's models).
     kl_coef: float = 0.2
+    # Adaptive KL controller (Ziegler et al. 2019, arXiv:1909.08593 sec. 2.2): with kl_target > 0 (nats per reply),
+    # beta follows beta *= 1 + clip(KL / kl_target - 1, -0.2, 0.2) * n / kl_horizon after each rollout of n
+    # replies, starting from kl_coef. 0 = a fixed beta (the default).
+    kl_target: float = 0.0
+    kl_horizon: int = 10_000
     # Weight of a verifiable task's 0/1 verifier beside the reward-model score (a rule-based reward, Mu et al. 2024);
     # 0 = the learned reward alone. Off by default: 1.0 moved the gold score by < 0.01 in one 90-step test.
     verifier_weight: float = 0.0
@@ -273,7 +278,8 @@ class PPOConfig:
     # order (pass@1 fell in 5 of 6 seed runs, once to 0.098), and fitting its own greedy replies sharpens it (KL to
     # SFT 0.31 and greedy gold +7 -18 in one full run). Samples keep the guess's distribution: on two runs' models x
     # two seeds, KL 0.11-0.13, task answers held in 4 of 4, no gold change beyond noise; in the full run made with
-    # it (the README's) gold held for both seeds but pass@1 fell for both (+5 -15, +6 -25): not solved (docs/ppo.md).
+    # it at 70 s gold held for both seeds but pass@1 fell for both (+5 -15, +6 -25); at 140 s (aa8d5b4, the README's)
+    # pass@1 held for both (+3 -6, +6 -4) (docs/ppo.md).
     ptx_targets: str = "sampled"
 
     def __post_init__(self) -> None:
@@ -281,6 +287,8 @@ class PPOConfig:
             raise ConfigError(f"--ppo.train_prompts must be all or chat, got {self.train_prompts!r}")
         if self.ptx_targets not in ("data", "reference", "sampled"):
             raise ConfigError(f"--ppo.ptx_targets must be data, reference or sampled, got {self.ptx_targets!r}")
+        if self.kl_target < 0 or self.kl_horizon <= 0:
+            raise ConfigError(f"--ppo.kl_target must be >= 0 and --ppo.kl_horizon > 0, got {self.kl_target} and {self.kl_horizon}")
 
 
 @dataclass

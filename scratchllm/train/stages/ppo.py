@@ -62,6 +62,15 @@ class PolicyAndValue(nn.Module):
         self.policy, self.value = policy, value
 
 
+def adaptive_kl_coef(beta: float, kl: float, target: float, n_replies: int, horizon: int) -> float:
+    """Ziegler et al. 2019 (arXiv:1909.08593 sec. 2.2): β ← β·(1 + clip(KL/target − 1, −0.2, 0.2)·n/horizon).
+
+    A proportional controller on the measured KL per reply: above the target β grows, below it shrinks, by at
+    most 20% of n/horizon per rollout, so a noisy batch cannot swing it."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return beta * (1.0 + error * n_replies / horizon)
+
+
 def reward_model_scores(reward_model: ScalarModel, rollout: Rollout, device: torch.device) -> Tensor:
     return reward_model(rollout.ids.to(device), rollout.lengths.to(device))
 
@@ -77,6 +86,7 @@ class PPOStage:
         self.reward_model = reward_model.eval().requires_grad_(False)
         self.train_records, self.val_pairs = train_records, val_pairs
         self.position = 0
+        self.kl_coef = cfg.kl_coef  # β; moved by adaptive_kl_coef when cfg.kl_target > 0
         self.model: PolicyAndValue | None = None
         self.ptx_stream: EpochStream | None = None
         self.ptx_max_len = 0
@@ -130,7 +140,7 @@ class PPOStage:
         verified = {i: score_task(text, r["task"]) for i, (text, r) in enumerate(zip(rollout.texts, records)) if r.get("task")}
         checks = torch.tensor([verified.get(i, 0.0) for i in range(len(records))], device=device)
         kl = kl_k1(old_logprobs, ref_logprobs) * mask  # (B, T-1), k1 as in InstructGPT
-        rewards = -self.cfg.kl_coef * kl
+        rewards = -self.kl_coef * kl
         last = (rollout.lengths.to(device) - 2).clamp(min=0)  # target index of the last reply token
         rewards[torch.arange(len(last), device=device), last] += scores + self.cfg.verifier_weight * checks
         values = value_model.forward_all(rollout.ids.to(device))[:, :-1] * mask
@@ -138,10 +148,15 @@ class PPOStage:
         advantages = whiten(advantages, mask)
         stats = {"reward": float(scores.mean()), "task_accuracy": sum(verified.values()) / max(len(verified), 1),
                  "kl": float(masked_mean(kl, mask) * mask.sum(1).float().mean()),
-                 "reply_len": float(mask.sum(1).float().mean()), "ended": sum(rollout.ended) / len(rollout.ended)}
+                 "reply_len": float(mask.sum(1).float().mean()), "ended": sum(rollout.ended) / len(rollout.ended),
+                 "kl_coef": self.kl_coef}
         if stats["kl"] > self.cfg.max_kl:
             raise PPODiverged(f"mean KL to the reference is {stats['kl']:.2f} > --ppo.max_kl={self.cfg.max_kl}: "
                               "lower --optim.lr or raise --ppo.kl_coef")
+        if self.cfg.kl_target > 0:  # the β this rollout paid is logged; the next rollout pays the updated one
+            kl_all = dist.all_reduce_mean(stats["kl"], device)  # every rank keeps the same β
+            self.kl_coef = adaptive_kl_coef(self.kl_coef, kl_all, self.cfg.kl_target,
+                                            len(records) * dist.world_size(), self.cfg.kl_horizon)
         return {"ids": rollout.ids, "response_mask": rollout.response_mask, "old_logprobs": old_logprobs,
                 "old_values": values, "advantages": advantages, "returns": returns, "stats": stats}
 
@@ -178,10 +193,12 @@ class PPOStage:
         return result
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position, "ptx_position": self.ptx_stream.position if self.ptx_stream else 0}
+        return {"position": self.position, "ptx_position": self.ptx_stream.position if self.ptx_stream else 0,
+                "kl_coef": self.kl_coef}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.position = state["position"]
+        self.kl_coef = state.get("kl_coef", self.cfg.kl_coef)
         if self.ptx_stream is not None:
             self.ptx_stream.position = state.get("ptx_position", 0)
 

@@ -194,8 +194,53 @@ def test_ppo_ptx_adds_the_weighted_sft_loss_and_resumes_its_stream(tiny_world) -
         losses[coef] = stage.loss(stage.model, batch)
     (plain, _), (mixed, stats) = losses[0.0], losses[2.0]
     assert torch.isclose(mixed - plain, torch.tensor(2.0 * stats["ptx_loss"]), atol=1e-4)
-    stage.load_state_dict({"position": 3, "ptx_position": 7})
-    assert stage.state_dict() == {"position": 3, "ptx_position": 7}
+    stage.load_state_dict({"position": 3, "ptx_position": 7, "kl_coef": 0.3})
+    assert stage.state_dict() == {"position": 3, "ptx_position": 7, "kl_coef": 0.3}
+
+
+def test_adaptive_kl_coef_is_a_clipped_proportional_controller() -> None:
+    # beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon), Ziegler et al. 2019 sec. 2.2
+    assert ppo.adaptive_kl_coef(0.2, kl=3.3, target=3.0, n_replies=100, horizon=1000) == pytest.approx(0.2 * 1.01)
+    assert ppo.adaptive_kl_coef(0.2, kl=9.0, target=3.0, n_replies=100, horizon=1000) == pytest.approx(0.2 * 1.02)
+    assert ppo.adaptive_kl_coef(0.2, kl=0.0, target=3.0, n_replies=100, horizon=1000) == pytest.approx(0.2 * 0.98)
+    assert ppo.adaptive_kl_coef(0.2, kl=3.0, target=3.0, n_replies=100, horizon=1000) == 0.2
+    with pytest.raises(ConfigError, match="kl_target"):
+        PPOConfig(kl_target=-1.0)
+
+
+def test_ppo_adaptive_kl_raises_beta_above_its_target_and_resumes_it(tiny_world) -> None:
+    data, base = tiny_world
+    reference, tok, _ = load_model(base)
+    policy = copy.deepcopy(reference)
+    with torch.no_grad():  # a policy away from the reference, so the measured KL is well above zero
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    records = read_preferences(data / "prefs_train.jsonl")
+    for target in (0.0, 1e-3):
+        stage = ppo.PPOStage(tok, reference, ScalarModel(reference), records, [],
+                             PPOConfig(rollout_batch=4, max_new_tokens=6, kl_target=target, kl_horizon=40), seed=3)
+        stage.model = ppo.PolicyAndValue(policy, ScalarModel(copy.deepcopy(reference)))
+        stats = next(stage.batches("train"))["stats"]
+        assert stats["kl_coef"] == 0.2 and stats["kl"] > 2 * target  # the batch paid the starting beta
+        if target == 0:
+            assert stage.kl_coef == 0.2  # a fixed beta by default
+        else:  # KL above the target: beta grows by the clipped 20% x 4 replies / horizon 40
+            assert stage.kl_coef == pytest.approx(0.2 * (1 + 0.2 * 4 / 40))
+            resumed = ppo.PPOStage(tok, reference, ScalarModel(reference), records, [], stage.cfg, seed=3)
+            resumed.load_state_dict(stage.state_dict())
+            assert resumed.kl_coef == stage.kl_coef
+    # The reward pays the stage's current beta: with gamma = lambda = 1 the first reply token's return is the
+    # score minus beta x the reply's summed KL, so the same rollout at beta 0, 0.2, 0.4 gives returns in a line.
+    returns, reward_model = [], ScalarModel(reference)  # one head: ScalarModel draws its score head at random
+    for beta in (0.0, 0.2, 0.4):
+        stage = ppo.PPOStage(tok, reference, reward_model, records, [],
+                             PPOConfig(rollout_batch=4, max_new_tokens=6, gae_lambda=1.0), seed=3)
+        stage.model, stage.kl_coef = ppo.PolicyAndValue(policy, ScalarModel(copy.deepcopy(reference))), beta
+        batch = next(stage.batches("train"))
+        first = batch["response_mask"][:, 1:].float().argmax(1)
+        returns.append(batch["returns"][torch.arange(4), first])
+    assert not torch.allclose(returns[0], returns[1], atol=1e-3)
+    assert torch.allclose(returns[2] - returns[1], returns[1] - returns[0], atol=1e-4)
 
 
 def test_ppo_ptx_reference_targets_replace_task_replies_with_the_reference_models_own(sft_model) -> None:
