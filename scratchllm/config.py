@@ -316,6 +316,12 @@ class GRPOConfig:
     curriculum: bool = True  # draw families by learnability p(1-p) (FamilyCurriculum); False = uniform tasks
     curriculum_decay: float = 0.8  # EMA weight on a family's past success rate
     curriculum_floor: float = 0.02  # added to every family's weight, so none is starved for good
+    # GRPO-ptx, as PPO-ptx (InstructGPT eq. 2): + ptx_coef x the SFT loss on `ptx_batch` chat conversations (none
+    # with a task question) every step. GRPO samples task prompts only, so nothing else holds the chat replies
+    # (one full run: greedy gold +6 -29 against SFT). 1.5 on that run's SFT model, 52 steps, two seeds: gold +6 -2 /
+    # +6 -3, pass@1 +13 -3 / +12 -0 (docs/grpo.md). 0 = off, the default, until a full pipeline run checks it.
+    ptx_coef: float = 0.0
+    ptx_batch: int = 8
 
     def __post_init__(self) -> None:
         if self.loss_norm not in ("reply", "token", "constant"):

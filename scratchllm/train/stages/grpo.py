@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from scratchllm.config import GRPOConfig, LoopConfig, OptimConfig
-from scratchllm.data.chat_batches import pad_right
-from scratchllm.data.jsonl import read_tasks
+from scratchllm.config import GRPOConfig, LoopConfig, OptimConfig, SFTConfig
+from scratchllm.data.chat_batches import EpochStream, pad_right, render_sft, sft_batch
+from scratchllm.data.jsonl import read_conversations, read_tasks
 from scratchllm.eval.chat_eval import pass_at_1_by_family, task_sampled_pass_at_1, task_scores
 from scratchllm.eval.significance import paired_change
 from scratchllm.infer.sampling import SamplingParams
@@ -33,7 +33,7 @@ from scratchllm.train import distributed as dist
 from scratchllm.train.checkpoint import load_model
 from scratchllm.train.logprobs import response_token_logprobs
 from scratchllm.train.loop import train
-from scratchllm.train.losses import grpo_advantages, grpo_loss
+from scratchllm.train.losses import cross_entropy_loss, grpo_advantages, grpo_loss
 from scratchllm.train.rewards import composite_reward, score_task
 from scratchllm.train.rollout import rollout_seed, sample_rollouts
 from scratchllm.train.stages.runner import base_sections, finish, resolve_sections, stage_main
@@ -91,12 +91,27 @@ class GRPOStage:
         self.policy: nn.Module | None = None
         self.first_scores: list[float] | None = None  # held-out greedy scores at the first evaluation (step 0)
         self.curriculum = FamilyCurriculum(train_tasks, cfg.curriculum_decay, cfg.curriculum_floor) if cfg.curriculum else None
+        self.ptx_stream: EpochStream | None = None
+        self.ptx_max_len = 0
+
+    def add_ptx_data(self, conversations: list, max_len: int) -> None:
+        """Chat conversations for the GRPO-ptx term (used when cfg.ptx_coef > 0); any with a training task's
+        question is left out, since fitting the data's answers would fight the verifier over the guesses."""
+        questions = {t["prompt"][-1]["content"] for t in self.train_tasks}
+        chats = [c for c in conversations if not any(m["content"] in questions for m in c["messages"])
+                 and render_sft(self.tok, [c], max_len)]
+        self.ptx_stream = EpochStream(chats, self.cfg.ptx_batch, self.seed)
+        self.ptx_max_len = max_len
 
     def batches(self, split: str) -> Iterator[dict[str, Any]]:
+        ptx = iter(self.ptx_stream) if self.ptx_stream is not None and self.cfg.ptx_coef > 0 else None
         while True:
             batch = self._rollout_batch()
             for _ in range(self.cfg.epochs):
-                yield batch
+                if ptx is None:
+                    yield batch
+                else:
+                    yield {**batch, "ptx": sft_batch(render_sft(self.tok, next(ptx), self.ptx_max_len), self.tok.pad_id)}
 
     @torch.no_grad()
     def _draw(self) -> dict[str, Any]:
@@ -172,7 +187,13 @@ class GRPOStage:
         logprobs, mask = response_token_logprobs(model, batch["ids"], batch["response_mask"])
         loss, stats = grpo_loss(logprobs, batch["old_logprobs"], batch["ref_logprobs"], batch["advantages"].to(logprobs.device),
                                 mask, self.cfg.clip_eps, self.cfg.kl_coef, self.cfg.loss_norm, self.cfg.max_new_tokens)
-        return loss, {**stats, **batch["stats"], "groups_dropped_total": float(self.groups_dropped)}
+        stats = {**stats, **batch["stats"], "groups_dropped_total": float(self.groups_dropped)}
+        if "ptx" in batch:  # GRPO-ptx: + γ · CE on chat conversations, which GRPO never samples
+            ptx = batch["ptx"]
+            ptx_loss = cross_entropy_loss(model(ptx["ids"]), ptx["targets"], ptx["mask"])
+            loss = loss + self.cfg.ptx_coef * ptx_loss
+            stats["ptx_loss"] = float(ptx_loss.detach())
+        return loss, stats
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         scores = task_scores(model, self.tok, self.val_tasks, self.cfg.max_new_tokens)
@@ -193,7 +214,7 @@ class GRPOStage:
 
     def state_dict(self) -> dict[str, Any]:
         state = {"position": self.position, "groups_total": self.groups_total, "groups_dropped": self.groups_dropped,
-                 "first_scores": self.first_scores}
+                 "first_scores": self.first_scores, "ptx_position": self.ptx_stream.position if self.ptx_stream else 0}
         if self.curriculum is not None:
             state["curriculum"] = self.curriculum.state_dict()
         return state
@@ -201,6 +222,8 @@ class GRPOStage:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.position, self.groups_total, self.groups_dropped = state["position"], state["groups_total"], state["groups_dropped"]
         self.first_scores = state.get("first_scores")  # absent in checkpoints written before it was kept
+        if self.ptx_stream is not None:
+            self.ptx_stream.position = state.get("ptx_position", 0)
         if self.curriculum is not None and "curriculum" in state:
             self.curriculum.load_state_dict(state["curriculum"])
 
@@ -226,6 +249,8 @@ def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overri
     weights = {"correct": 1.0, "format": sections["grpo"].format_weight}
     reward_fn = lambda text, task: composite_reward(text, task, weights)
     stage = GRPOStage(tok, reference, train_tasks, val_tasks, sections["grpo"], sections["loop"].seed, reward_fn)
+    if sections["grpo"].ptx_coef > 0:
+        stage.add_ptx_data(read_conversations(Path(data_dir) / "sft_train.jsonl"), SFTConfig().max_len)
     stage.sections = sections
     stage.policy = model
     metrics = train(model.train(), stage, sections["optim"], sections["loop"], stage_dir, resume=resume, tokenizer=tok,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from scratchllm.config import ConfigError, DPOConfig, GRPOConfig, LoopConfig, PPOConfig, SFTConfig
-from scratchllm.data.chat_batches import pad_right
+from scratchllm.data.chat_batches import pad_right, render_sft, sft_batch
 from scratchllm.data.jsonl import read_conversations, read_preferences, read_tasks
 from scratchllm.data.tasks import canonical_reply, task_conversation
 from scratchllm.model.heads import ScalarModel, load_scalar_model
@@ -347,6 +347,32 @@ def test_grpo_dynamic_sampling_fills_the_batch_with_groups_that_carry_signal(sft
     assert batch["stats"]["draws"] > 1  # one draw of 3 tasks rarely holds 3 `add` groups
     assert len(advantages) <= cfg.prompts_per_step and (advantages.abs().sum(1) > 0).all()
     assert batch["ids"].shape[0] == batch["old_logprobs"].shape[0] == advantages.numel()
+
+
+def test_grpo_ptx_adds_the_weighted_sft_loss_on_chat_only_and_resumes_its_stream(tiny_world) -> None:
+    data, base = tiny_world
+    model, tok, _ = load_model(base)
+    tasks = read_tasks(data / "tasks_train.jsonl")
+    conversations = read_conversations(data / "sft_train.jsonl")
+    questions = {t["prompt"][-1]["content"] for t in tasks}
+    assert any(m["content"] in questions for c in conversations for m in c["messages"])  # the data mixes both
+    losses = {}
+    for coef in (0.0, 2.0):
+        cfg = GRPOConfig(group_size=2, prompts_per_step=2, max_new_tokens=4, max_draws=1, ptx_coef=coef, ptx_batch=3)
+        stage = grpo.GRPOStage(tok, copy.deepcopy(model), tasks, tasks[:2], cfg, seed=0)
+        stage.policy = model
+        stage.add_ptx_data(conversations, 64)
+        assert not any(m["content"] in questions for c in stage.ptx_stream.items for m in c["messages"])
+        batch = next(stage.batches("train"))
+        assert ("ptx" in batch) == (coef > 0)
+        batch["ptx"] = sft_batch(render_sft(tok, stage.ptx_stream.batch_items(0), 64), tok.pad_id)  # same rows
+        losses[coef] = stage.loss(model, batch)
+    (plain, _), (mixed, stats) = losses[0.0], losses[2.0]
+    assert torch.isclose(mixed - plain, torch.tensor(2.0 * stats["ptx_loss"]), atol=1e-4)
+    state = stage.state_dict()
+    assert state["ptx_position"] == 1
+    stage.load_state_dict({**state, "ptx_position": 9})
+    assert stage.ptx_stream.position == 9
 
 
 def _train_rows(stage_dir: Path) -> list[dict]:
