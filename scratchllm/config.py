@@ -319,7 +319,8 @@ class GRPOConfig:
     # GRPO-ptx, as PPO-ptx (InstructGPT eq. 2): + ptx_coef x the SFT loss on `ptx_batch` chat conversations (none
     # with a task question) every step. GRPO samples task prompts only, so nothing else holds the chat replies
     # (one full run: greedy gold +6 -29 against SFT). 1.5 on that run's SFT model, 52 steps, two seeds: gold +6 -2 /
-    # +6 -3, pass@1 +13 -3 / +12 -0 (docs/grpo.md). 0 = off, the default, until a full pipeline run checks it.
+    # +6 -3, pass@1 +13 -3 / +12 -0; in a full run with it on (fd8447e) GRPO had nothing to gain (SFT above the
+    # guess) and gold +4 -12 (docs/grpo.md). 0 = off, the default.
     ptx_coef: float = 0.0
     ptx_batch: int = 8
 
