@@ -75,7 +75,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(argv)
 
 
-# Default time budgets (seconds) per stage on the 2-core CPU, summing to well under 15 minutes with eval.
+# Default time budgets (seconds) per stage on the 2-core CPU. With eval, the report and start-up, three full runs
+# took 14:44, 14:52 and 15:01 (README): no margin left under 15 minutes.
 # PPO has twice the time of earlier runs: in 68 steps (70 s) its learned reward on sampled replies rose for one
 # seed of two on the README run's models, in 136 it rose for both seeds on two runs' models (docs/ppo.md);
 # pretraining, SFT and DPO gave up the 70 s.

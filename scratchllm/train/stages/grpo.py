@@ -79,6 +79,13 @@ class FamilyCurriculum:
         self.success.update(state)
 
 
+def chat_conversations(conversations: list, tasks: list) -> list:
+    """The conversations with no message from a task's prompt: fitting the data's answers to questions the model
+    cannot read would fight the verifier over its guesses (GRPO-ptx trains on chat only)."""
+    questions = {t["prompt"][-1]["content"] for t in tasks}
+    return [c for c in conversations if not any(m["content"] in questions for m in c["messages"])]
+
+
 class GRPOStage:
     name = "grpo"
 
@@ -92,26 +99,19 @@ class GRPOStage:
         self.first_scores: list[float] | None = None  # held-out greedy scores at the first evaluation (step 0)
         self.curriculum = FamilyCurriculum(train_tasks, cfg.curriculum_decay, cfg.curriculum_floor) if cfg.curriculum else None
         self.ptx_stream: EpochStream | None = None
-        self.ptx_max_len = 0
 
     def add_ptx_data(self, conversations: list, max_len: int) -> None:
-        """Chat conversations for the GRPO-ptx term (used when cfg.ptx_coef > 0); any with a training task's
-        question is left out, since fitting the data's answers would fight the verifier over the guesses."""
-        questions = {t["prompt"][-1]["content"] for t in self.train_tasks}
-        chats = [c for c in conversations if not any(m["content"] in questions for m in c["messages"])
-                 and render_sft(self.tok, [c], max_len)]
-        self.ptx_stream = EpochStream(chats, self.cfg.ptx_batch, self.seed)
-        self.ptx_max_len = max_len
+        """Chat conversations for the GRPO-ptx term (used when cfg.ptx_coef > 0), rendered once: their targets
+        never change, unlike PPO-ptx's sampled ones."""
+        rows = render_sft(self.tok, chat_conversations(conversations, self.train_tasks), max_len)
+        self.ptx_stream = EpochStream(rows, self.cfg.ptx_batch, self.seed)
 
     def batches(self, split: str) -> Iterator[dict[str, Any]]:
         ptx = iter(self.ptx_stream) if self.ptx_stream is not None and self.cfg.ptx_coef > 0 else None
         while True:
             batch = self._rollout_batch()
             for _ in range(self.cfg.epochs):
-                if ptx is None:
-                    yield batch
-                else:
-                    yield {**batch, "ptx": sft_batch(render_sft(self.tok, next(ptx), self.ptx_max_len), self.tok.pad_id)}
+                yield batch if ptx is None else {**batch, "ptx": sft_batch(next(ptx), self.tok.pad_id)}
 
     @torch.no_grad()
     def _draw(self) -> dict[str, Any]:

@@ -362,10 +362,12 @@ def test_grpo_ptx_adds_the_weighted_sft_loss_on_chat_only_and_resumes_its_stream
         stage = grpo.GRPOStage(tok, copy.deepcopy(model), tasks, tasks[:2], cfg, seed=0)
         stage.policy = model
         stage.add_ptx_data(conversations, 64)
-        assert not any(m["content"] in questions for c in stage.ptx_stream.items for m in c["messages"])
+        chats = grpo.chat_conversations(conversations, tasks)
+        assert chats and not any(m["content"] in questions for c in chats for m in c["messages"])
+        assert stage.ptx_stream.items == render_sft(tok, chats, 64)  # the stream holds the chat rows only
         batch = next(stage.batches("train"))
         assert ("ptx" in batch) == (coef > 0)
-        batch["ptx"] = sft_batch(render_sft(tok, stage.ptx_stream.batch_items(0), 64), tok.pad_id)  # same rows
+        batch["ptx"] = sft_batch(stage.ptx_stream.batch_items(0), tok.pad_id)  # the same rows for both
         losses[coef] = stage.loss(model, batch)
     (plain, _), (mixed, stats) = losses[0.0], losses[2.0]
     assert torch.isclose(mixed - plain, torch.tensor(2.0 * stats["ptx_loss"]), atol=1e-4)
