@@ -299,8 +299,10 @@ class GRPOConfig:
     kl_coef: float = 0.02  # beta of the k3 KL to the reference
     max_new_tokens: int = 24  # canonical replies are ~8-15 tokens
     temperature: float = 0.7  # sample near the greedy policy that pass@1 measures; 1.0 mostly samples noise here
-    # Weight of the format bonus beside correctness (1.0). Group standardisation blows any within-group
-    # difference up to unit size, so even 0.1 makes GRPO chase format instead of answers: off by default.
+    # The verifiers GRPO rewards, as weights of the composite (rewards.composite_reward): correctness (each task's
+    # own verifier, math or exact) and the format check. Group standardisation blows any within-group difference
+    # up to unit size, so even format 0.1 makes GRPO chase format instead of answers: format off by default.
+    correct_weight: float = 1.0
     format_weight: float = 0.0
     epochs: int = 1  # policy updates per rollout batch
     # How token terms are averaged in the loss (losses.grpo_loss): "reply" (the paper), "token" (DAPO),
@@ -327,6 +329,9 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         if self.loss_norm not in ("reply", "token", "constant"):
             raise ConfigError(f"--grpo.loss_norm must be reply, token or constant, got {self.loss_norm!r}")
+        if self.correct_weight < 0 or self.format_weight < 0 or self.correct_weight + self.format_weight == 0:
+            raise ConfigError("--grpo.correct_weight and --grpo.format_weight must be >= 0, and one of them > 0 "
+                              f"(a reward of 0 teaches nothing), got {self.correct_weight} and {self.format_weight}")
         if self.group_size < 2:
             raise ConfigError(f"--grpo.group_size must be at least 2 (advantages compare replies), got {self.group_size}")
         if self.eval_samples < 0 or self.sampled_eval_tasks < 0:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +234,12 @@ class GRPOStage:
         save_final_model(model, self.tok, directory, self.sections)
 
 
+def verifier_reward(cfg: GRPOConfig) -> Callable[[str, dict[str, Any]], float]:
+    """The reward of a reply to a task: the verifiers selected by their weights in `cfg` (correct, format)."""
+    weights = {"correct": cfg.correct_weight, "format": cfg.format_weight}
+    return lambda text, task: composite_reward(text, task, weights)
+
+
 def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overrides: list[str] | None = None,
         resume: bool = False) -> dict[str, Any]:
     """GRPO on the training tasks with verifiable rewards; reports held-out pass@1."""
@@ -246,9 +252,8 @@ def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overri
     sections["model"] = model.config
     reference = copy.deepcopy(model)
     maybe_inject_lora(model, sections["lora"])
-    weights = {"correct": 1.0, "format": sections["grpo"].format_weight}
-    reward_fn = lambda text, task: composite_reward(text, task, weights)
-    stage = GRPOStage(tok, reference, train_tasks, val_tasks, sections["grpo"], sections["loop"].seed, reward_fn)
+    stage = GRPOStage(tok, reference, train_tasks, val_tasks, sections["grpo"], sections["loop"].seed,
+                      verifier_reward(sections["grpo"]))
     if sections["grpo"].ptx_coef > 0:
         stage.add_ptx_data(read_conversations(Path(data_dir) / "sft_train.jsonl"), SFTConfig().max_len)
     stage.sections = sections

@@ -349,6 +349,19 @@ def test_grpo_dynamic_sampling_fills_the_batch_with_groups_that_carry_signal(sft
     assert batch["ids"].shape[0] == batch["old_logprobs"].shape[0] == advantages.numel()
 
 
+def test_grpo_verifiers_are_selected_by_their_weights() -> None:
+    task = {"answer": "42", "verifier": "math", "lang": "en"}
+    right_on_two_lines, wrong_but_tidy = "Let me think.\nThe answer is 42.", "The answer is 41."
+    default = grpo.verifier_reward(GRPOConfig())  # correctness alone
+    assert default(right_on_two_lines, task) == 1.0 and default(wrong_but_tidy, task) == 0.0
+    format_only = grpo.verifier_reward(GRPOConfig(correct_weight=0.0, format_weight=1.0))
+    assert format_only(right_on_two_lines, task) == 0.0 and format_only(wrong_but_tidy, task) == 1.0
+    both = grpo.verifier_reward(GRPOConfig(correct_weight=1.0, format_weight=0.5))
+    assert both("The answer is 42.", task) == 1.5 and both(wrong_but_tidy, task) == 0.5
+    with pytest.raises(ConfigError, match="one of them > 0"):
+        GRPOConfig(correct_weight=0.0, format_weight=0.0)
+
+
 def test_grpo_ptx_adds_the_weighted_sft_loss_on_chat_only_and_resumes_its_stream(tiny_world) -> None:
     data, base = tiny_world
     model, tok, _ = load_model(base)
