@@ -28,16 +28,19 @@ def generate_replies(
     """(reply text without the end token, whether the reply ended with <|im_end|>) per prompt."""
     params = params or SamplingParams(temperature=0.0)
     stop_ids = reply_stop_ids(tok)
-    out: list[tuple[str, bool]] = []
     was_training = model.training
     model.eval()
-    for start in range(0, len(prompts), batch_size):
-        chunk = [render_for_completion(tok, p) for p in prompts[start : start + batch_size]]
-        chunk_seed = None if seed is None else seed + start  # rows of different chunks draw different noise
-        ids, _ = generate_batch(model, chunk, max_new_tokens, params, stop_ids, chunk_seed, tok.pad_id)
-        for row in ids:
+    rendered = [render_for_completion(tok, p) for p in prompts]
+    # Batch prompts of similar length (less left padding to prefill); prompt i keeps seed + i wherever it lands.
+    order = sorted(range(len(rendered)), key=lambda i: len(rendered[i]))
+    out: list[tuple[str, bool]] = [("", False)] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        seeds = None if seed is None else [seed + i for i in chunk]
+        ids, _ = generate_batch(model, [rendered[i] for i in chunk], max_new_tokens, params, stop_ids, seeds, tok.pad_id)
+        for i, row in zip(chunk, ids):
             stopped = bool(row) and row[-1] in stop_ids
-            out.append((tok.decode(row[:-1] if stopped else row), stopped and row[-1] == tok.im_end_id))
+            out[i] = (tok.decode(row[:-1] if stopped else row), stopped and row[-1] == tok.im_end_id)
     model.train(was_training)
     return out
 

@@ -69,29 +69,41 @@ def generate(
     local_kv_heads = model.layers[0].self_attn.n_kv_heads  # this process's share under tensor parallelism
     cache = KVCache(model.config, B, longest + budget, device=device, dtype=next(model.parameters()).dtype,
                     n_kv_heads=local_kv_heads)
-    logits = model(ids, kv_cache=cache, attention_mask=mask[:, :longest])[:, -1]
+    logits = model(ids, kv_cache=cache, attention_mask=mask[:, :longest], last_only=True)[:, -1]
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    # `rows`: which of the B rows the cache (and `logits`, `mask`) still holds. Finished rows feed padding until
+    # a quarter of the cache has finished, then leave it: short replies stop paying for the longest one.
+    rows = torch.arange(B, device=device)
     for step in range(budget):
+        live = ~finished[rows]
         if uniform:
-            next_ids = sample(process_logits(logits, counts, row_params[0]), row_params[0])
+            chosen = sample(process_logits(logits, counts[rows], row_params[0]), row_params[0])
         else:
-            processed = process_logits(logits, counts, row_params[0]) if not isinstance(params, list) else torch.cat(
-                [process_logits(logits[r : r + 1], counts[r : r + 1], row_params[r]) for r in range(B)])
+            kept = rows.tolist()
+            processed = process_logits(logits, counts[rows], row_params[0]) if not isinstance(params, list) else torch.cat(
+                [process_logits(logits[i : i + 1], counts[r : r + 1], row_params[r]) for i, r in enumerate(kept)])
             if uniforms is not None:
-                drawn = sample_from_uniforms(processed, uniforms[:, step])
+                drawn = sample_from_uniforms(processed, uniforms[rows, step])
             else:  # per-row settings without seeds: each row draws from the global generator
-                drawn = torch.cat([sample(processed[r : r + 1], row_params[r]) for r in range(B)])
-            next_ids = torch.where(greedy, processed.argmax(-1), drawn)
+                drawn = torch.cat([sample(processed[i : i + 1], row_params[r]) for i, r in enumerate(kept)])
+            chosen = torch.where(greedy[rows], processed.argmax(-1), drawn)
+        chosen = torch.where(live, chosen, torch.full_like(chosen, pad_id))
         active = ~finished
-        next_ids = torch.where(active, next_ids, torch.full_like(next_ids, pad_id))
-        counts[active, next_ids[active]] += 1
-        finished = finished | (active & torch.isin(next_ids, stop))
+        next_ids = torch.full((B,), pad_id, dtype=torch.long, device=device)
+        next_ids[rows] = chosen
+        counts[rows[live], chosen[live]] += 1
+        finished[rows] |= live & torch.isin(chosen, stop)
         yield Step(next_ids, active, finished.clone())
         if bool(finished.all()) or step == budget - 1:
             return
-        mask[:, longest + step] = active  # finished rows feed padding that nobody attends to
-        logits = model(next_ids[:, None], kv_cache=cache, attention_mask=mask[:, : longest + step + 1])[:, -1]
+        mask[rows, longest + step] = live  # finished rows feed padding that nobody attends to
+        done = finished[rows]
+        if int(done.sum()) * 4 >= len(rows):
+            keep = (~done).nonzero().squeeze(1)
+            cache.reorder(keep)
+            rows, chosen = rows[keep], chosen[keep]
+        logits = model(chosen[:, None], kv_cache=cache, attention_mask=mask[rows, : longest + step + 1])[:, -1]
 
 
 def generate_batch(

@@ -112,9 +112,12 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         positions: Tensor | None = None,
         attention_mask: Tensor | None = None,
+        last_only: bool = False,
     ) -> Tensor:
-        """ids (B, T) -> logits (B, T, V) in float32."""
-        return self.lm_head(self.forward_hidden(ids, kv_cache, positions, attention_mask)).float()
+        """ids (B, T) -> logits (B, T, V) in float32; (B, 1, V) with `last_only` (a prefill needs no more, and
+        the vocabulary projection is a quarter of a small model's compute)."""
+        hidden = self.forward_hidden(ids, kv_cache, positions, attention_mask)
+        return self.lm_head(hidden[:, -1:] if last_only else hidden).float()
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once by parameters()

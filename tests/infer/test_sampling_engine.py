@@ -111,6 +111,28 @@ def test_stop_ids_and_seeded_sampling(model: GPT) -> None:
     assert a[1] == alone[0]
 
 
+def test_finished_rows_leave_the_batch_without_changing_any_row(model: GPT) -> None:
+    """Rows that stop early are dropped from the cache; every row still equals that prompt generated alone,
+    under shared and under per-row settings (the server's path)."""
+    prompts = [[1 + i, 2 + 2 * i, 3][: 1 + i % 3] for i in range(8)]  # left padding too
+    stop = set(range(0, 60, 6))  # a tenth of the vocabulary: rows stop at scattered steps
+    shapes: list[int] = []
+    hook = model.register_forward_hook(lambda _m, args, _out: shapes.append(args[0].shape[0]))
+    try:
+        batch, stopped = generate_batch(model, prompts, 20, SamplingParams(temperature=1.0), stop, seed=3)
+    finally:
+        hook.remove()
+    assert 0 < sum(stopped) < len(prompts) or len({len(r) for r in batch}) > 1  # rows end at different steps
+    assert min(shapes) < len(prompts)  # later steps ran on fewer rows
+    for r, prompt in enumerate(prompts):
+        alone, alone_stopped = generate_batch(model, [prompt], 20, SamplingParams(temperature=1.0), stop, seed=3 + r)
+        assert (batch[r], stopped[r]) == (alone[0], alone_stopped[0])
+    mixed = [SamplingParams(temperature=0.0 if r % 2 else 1.0) for r in range(len(prompts))]
+    per_row, _ = generate_batch(model, prompts, 20, mixed, stop, seed=[10 + r for r in range(len(prompts))])
+    for r, prompt in enumerate(prompts):
+        assert per_row[r] == generate_batch(model, [prompt], 20, mixed[r], stop, seed=10 + r)[0][0]
+
+
 def test_kv_cache_makes_generation_match_recompute(model: GPT) -> None:
     prompt = [5, 6, 7]
     out, _ = generate_batch(model, [prompt], 10, SamplingParams(temperature=0))

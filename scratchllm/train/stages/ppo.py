@@ -255,19 +255,32 @@ def _render_replies(tok: Tokenizer, pairs: list, replies: list[tuple[str, bool]]
     return pad_right(rows, tok.pad_id), pad_right(masks, 0).bool(), torch.tensor([len(r) for r in rows])
 
 
+def _length_sorted_chunks(lengths: Tensor, size: int) -> list[Tensor]:
+    """Row indices in chunks of `size`, shortest rows first: each chunk is cut to its own longest row, so
+    scoring pays for little padding (rows are right-padded and causal, so the cut changes no real token)."""
+    return list(torch.argsort(lengths, stable=True).split(size))
+
+
 @torch.no_grad()
 def score_replies(policy: nn.Module, reference: nn.Module, reward_model: ScalarModel, tok: Tokenizer, pairs: list,
-                  replies: list[tuple[str, bool]], device: torch.device) -> dict[str, float]:
+                  replies: list[tuple[str, bool]], device: torch.device, chunk: int = 64) -> dict[str, float]:
     """Learned reward, gold-judge score, KL to the reference (nats/token) and end rate of held-out replies."""
-    ids, mask, lengths = (t.to(device) for t in _render_replies(tok, pairs, replies))
-    learned = reward_model(ids, lengths)
-    logp, m = response_token_logprobs(policy, ids, mask)
-    ref_logp, _ = response_token_logprobs(reference, ids, mask)
+    ids, mask, lengths = _render_replies(tok, pairs, replies)
+    learned = torch.empty(len(replies))
+    kl_sum = kl_tokens = 0.0
+    for rows in _length_sorted_chunks(lengths, chunk):
+        width = int(lengths[rows].max())
+        chunk_ids, chunk_mask = ids[rows, :width].to(device), mask[rows, :width].to(device)
+        learned[rows] = reward_model(chunk_ids, lengths[rows].to(device)).float().cpu()
+        logp, m = response_token_logprobs(policy, chunk_ids, chunk_mask)
+        ref_logp, _ = response_token_logprobs(reference, chunk_ids, chunk_mask)
+        kl_sum += float(((logp - ref_logp) * m).sum())
+        kl_tokens += float(m.sum())
     gold = gold_scores(pairs, replies)
     return {
         "learned_reward": float(learned.mean()),
         "gold_score": sum(gold) / len(gold),
-        "kl_to_sft": float(masked_mean(logp - ref_logp, m)),
+        "kl_to_sft": kl_sum / max(kl_tokens, 1.0),
         "end_rate": sum(e for _, e in replies) / len(replies),
     }
 
@@ -286,10 +299,12 @@ def sampled_reply_scores(policy: nn.Module, reward_model: ScalarModel, tok: Toke
     prompts_k = pairs * n_samples
     replies = generate_replies(policy, tok, [p["prompt"] for p in prompts_k], max_new_tokens,
                                params=SamplingParams(temperature=temperature), seed=seed)
-    learned = []
-    for start in range(0, len(replies), 256):  # bounded memory at any preset
-        ids, _, lengths = _render_replies(tok, prompts_k[start : start + 256], replies[start : start + 256])
-        learned += reward_model(ids.to(device), lengths.to(device)).tolist()
+    ids, _, lengths = _render_replies(tok, prompts_k, replies)
+    scores = torch.empty(len(replies))
+    for rows in _length_sorted_chunks(lengths, 64):  # bounded memory at any preset
+        width = int(lengths[rows].max())
+        scores[rows] = reward_model(ids[rows, :width].to(device), lengths[rows].to(device)).float().cpu()
+    learned = scores.tolist()
     gold = gold_scores(prompts_k, replies)
     agree, told_apart = judge_agreement(learned, gold, len(pairs))
     metrics = {"learned_reward_sampled": sum(learned) / len(learned), "gold_score_sampled": sum(gold) / len(gold),
