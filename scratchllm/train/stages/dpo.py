@@ -40,7 +40,10 @@ class DPOStage:
                  val_tasks: list, cfg: DPOConfig, loop: LoopConfig) -> None:
         self.tok, self.reference, self.cfg = tok, reference.eval().requires_grad_(False), cfg
         self.stream = EpochStream([render_pair(tok, p, 256) for p in train_pairs], loop.batch_size, loop.seed)
-        self.val = [render_pair(tok, p, 256) for p in val_pairs]
+        # Held-out pairs shortest first (batches of similar length pad little); the frozen reference's log-probs
+        # of them are computed once, at the first evaluation.
+        self.val = sorted((render_pair(tok, p, 256) for p in val_pairs), key=lambda r: len(r["chosen"]) + len(r["rejected"]))
+        self._val_reference: list[tuple[Tensor, Tensor]] | None = None
         self.val_convs, self.val_tasks = val_convs, val_tasks
 
     def batches(self, split: str) -> Iterator[dict[str, Tensor]]:
@@ -55,6 +58,10 @@ class DPOStage:
         self.reference.to(batch["chosen"].device)
         with torch.no_grad():
             ref_chosen, ref_rejected = self._logps(self.reference, batch)
+        return self._objective(model, batch, ref_chosen, ref_rejected)
+
+    def _objective(self, model: nn.Module, batch: dict[str, Tensor], ref_chosen: Tensor, ref_rejected: Tensor,
+                   ) -> tuple[Tensor, dict[str, float]]:
         chosen, rejected = self._logps(model, batch)
         loss, stats = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.cfg.beta)
         if self.cfg.sft_weight > 0:  # RPO: + α · NLL per token of the chosen reply
@@ -67,15 +74,16 @@ class DPOStage:
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         device = next(model.parameters()).device
         self.reference.to(device)
+        batches = [{k: v.to(device) for k, v in pair_batch(self.val[start : start + 64], self.tok.pad_id).items()}
+                   for start in range(0, len(self.val), 64)]
+        if self._val_reference is None:
+            self._val_reference = [self._logps(self.reference, batch) for batch in batches]
         sums: dict[str, float] = {}
-        n_batches = 0
-        for start in range(0, len(self.val), 64):
-            batch = {k: v.to(device) for k, v in pair_batch(self.val[start : start + 64], self.tok.pad_id).items()}
-            _, stats = self.loss(model, batch)
-            for key, value in stats.items():
-                sums[key] = sums.get(key, 0.0) + value
-            n_batches += 1
-        metrics = {f"dpo_{k}": v / n_batches for k, v in sums.items()}
+        for batch, (ref_chosen, ref_rejected) in zip(batches, self._val_reference):
+            _, stats = self._objective(model, batch, ref_chosen, ref_rejected)
+            for key, value in stats.items():  # batch means, weighted by rows: a mean over held-out pairs
+                sums[key] = sums.get(key, 0.0) + value * len(batch["chosen"])
+        metrics = {f"dpo_{k}": v / max(len(self.val), 1) for k, v in sums.items()}
         metrics["end_rate"] = end_of_reply_rate(model, self.tok, self.val_convs)
         metrics.update(task_pass_at_1(model, self.tok, self.val_tasks))
         return metrics
