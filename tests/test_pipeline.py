@@ -25,17 +25,19 @@ def test_toy_pipeline_end_to_end_and_resumes(tmp_path: Path, capsys) -> None:
     assert (root / "reward" / "final" / "model.safetensors").exists()
     comparison = json.loads((root / "comparison.json").read_text())
     assert set(comparison) == {"pretrain", "sft", "dpo", "ppo", "grpo", "reference"}
-    assert 0 <= comparison.pop("reference")["pass_at_1"] <= 1
+    reference = comparison.pop("reference")
+    assert 0 <= reference["pass_at_1"] <= 1 and 0 <= reference["sampled_pass_at_1"] <= 1
     for stage, row in comparison.items():
         for key in ("val_bpb", "copy_accuracy", "end_rate", "pass_at_1", "learned_reward", "gold_score", "kl_to_sft"):
             assert isinstance(row[key], float) and math.isfinite(row[key]), (stage, key)
         if stage != "pretrain":  # replies sampled at PPO's temperature: a chat policy's metric
-            for key in ("learned_reward_sampled", "gold_score_sampled", "judge_pairs_sampled"):
+            for key in ("learned_reward_sampled", "gold_score_sampled", "judge_pairs_sampled", "sampled_pass_at_1"):
                 assert isinstance(row[key], float) and math.isfinite(row[key]), (stage, key)
             if row["judge_pairs_sampled"] > 0:  # toy replies the judge tells apart: the reward model's agreement
                 assert 0 <= row["rm_judge_agreement_sampled"] <= 1, stage
         if stage != "sft":  # paired with SFT's answers on the same prompts: "+won −lost, p=…"
-            for key in ("pass_at_1_vs_sft", "gold_vs_sft") + (("gold_sampled_vs_sft",) if stage != "pretrain" else ()):
+            chat = ("gold_sampled_vs_sft", "sampled_pass_at_1_vs_sft") if stage != "pretrain" else ()
+            for key in ("pass_at_1_vs_sft", "gold_vs_sft") + chat:
                 assert re.fullmatch(r"\+\d+ −\d+, p=\S+", row[key]), (stage, key, row[key])
     report = (root / "report.md").read_text()
     for _, label, _ in COMPARISON_ROWS:

@@ -77,6 +77,17 @@ def task_pass_at_1(model: nn.Module, tok: Tokenizer, tasks: list[dict[str, Any]]
     return pass_at_1_by_family(tasks, task_scores(model, tok, tasks, max_new_tokens))
 
 
+def task_sampled_scores(
+    model: nn.Module, tok: Tokenizer, tasks: list[dict[str, Any]], samples: int, temperature: float,
+    max_new_tokens: int = 24, seed: int = 0,
+) -> list[list[float]]:
+    """Per task, the verifier's score of each of `samples` replies sampled at `temperature` (seeded: the same
+    seed draws the same uniforms for every checkpoint, so two checkpoints' samples are paired)."""
+    prompts = [t["prompt"] for t in tasks for _ in range(samples)]
+    replies = generate_replies(model, tok, prompts, max_new_tokens, params=SamplingParams(temperature=temperature), seed=seed)
+    return [[score_task(replies[i * samples + j][0], task) for j in range(samples)] for i, task in enumerate(tasks)]
+
+
 def task_sampled_pass_at_1(
     model: nn.Module, tok: Tokenizer, tasks: list[dict[str, Any]], samples: int, temperature: float,
     max_new_tokens: int = 24, seed: int = 0,
@@ -86,9 +97,7 @@ def task_sampled_pass_at_1(
     pass@1 = 1/N Σ_tasks 1/k Σ_j correct_j, plus pass@k (any of the k right). Greedy pass@1 only moves when the
     right answer becomes the most likely one; this also sees probability mass moving toward it. Seeded.
     """
-    prompts = [t["prompt"] for t in tasks for _ in range(samples)]
-    replies = generate_replies(model, tok, prompts, max_new_tokens, params=SamplingParams(temperature=temperature), seed=seed)
-    per_task = [[score_task(replies[i * samples + j][0], task) for j in range(samples)] for i, task in enumerate(tasks)]
+    per_task = task_sampled_scores(model, tok, tasks, samples, temperature, max_new_tokens, seed)
     n = max(len(tasks), 1)
     return {"sampled_pass_at_1": sum(sum(s) / samples for s in per_task) / n,
             f"sampled_pass_at_{samples}": sum(max(s, default=0.0) for s in per_task) / n}

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from scratchllm.config import PPOConfig
+from scratchllm.config import GRPOConfig, PPOConfig
 
 # Rows of the comparison table: (metric key, label, how to read it).
 COMPARISON_ROWS: list[tuple[str, str, str]] = [
@@ -24,6 +24,11 @@ COMPARISON_ROWS: list[tuple[str, str, str]] = [
      "family's commonest training answer, question unread"),
     ("pass_at_1_vs_sft", "pass@1 change vs SFT", "held-out tasks won (wrong for SFT, right here) and lost; exact "
      "McNemar p: small means the change is not the luck of this task set (a second seed tests training noise)"),
+    ("sampled_pass_at_1", "sampled task pass@1", f"{GRPOConfig().eval_samples} replies per task at temperature "
+     f"{GRPOConfig().temperature:g} on the first {GRPOConfig().sampled_eval_tasks} held-out tasks, mean right (pass@1 as "
+     "DeepSeek-R1 estimates it): the sampling policy GRPO optimises; reference as above"),
+    ("sampled_pass_at_1_vs_sft", "sampled pass@1 change vs SFT", "tasks whose share of right samples rose and fell "
+     "(same random draws); exact sign-test p"),
     ("rm_accuracy", "reward-model pair accuracy", "held-out preference pairs ranked correctly"),
     ("learned_reward", "learned reward (mean)", "reward model score of greedy replies to held-out prompts"),
     ("gold_score", "gold-judge score (mean)", "rule-based judge the preference data was built from"),

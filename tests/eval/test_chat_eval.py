@@ -24,6 +24,8 @@ def test_sampled_pass_at_1_averages_samples_and_pass_at_k_takes_any(monkeypatch)
     assert result["sampled_pass_at_1"] == pytest.approx((1 + 0.5 + 0) / 3)
     assert result["sampled_pass_at_2"] == pytest.approx(2 / 3)
     assert seen == {"n": 6, "temperature": 0.7, "seed": 5}
+    # Per task and sample, in order: what the report pairs with SFT's, task by task.
+    assert chat_eval.task_sampled_scores(None, None, TASKS, 2, 0.7, seed=5) == [[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]]
 
 
 def test_constant_answer_baseline_uses_each_familys_commonest_training_answer() -> None:
