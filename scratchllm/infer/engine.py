@@ -37,12 +37,14 @@ def generate(
     stop_ids: set[int] | frozenset[int] = frozenset(),
     seed: int | list[int | None] | None = None,
     pad_id: int = 0,
+    drop_finished: bool = True,
 ) -> Iterator[Step]:
     """Yield one `Step` per generated position until every row stopped or max_new_tokens is reached.
 
     `params` and `seed` may be given per row (the server batches requests with different settings). Each
     row samples from its own generator (seed + row for an int seed), so a row's text does not depend on
-    what else is in the batch.
+    what else is in the batch. `drop_finished=False` keeps finished rows in the batch to the end (the engine
+    before; benchmarks/bench_generation.py measures against it).
     """
     params = params or SamplingParams()
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -99,7 +101,7 @@ def generate(
             return
         mask[rows, longest + step] = live  # finished rows feed padding that nobody attends to
         done = finished[rows]
-        if int(done.sum()) * 4 >= len(rows):
+        if drop_finished and int(done.sum()) * 4 >= len(rows):
             keep = (~done).nonzero().squeeze(1)
             cache.reorder(keep)
             rows, chosen = rows[keep], chosen[keep]
@@ -114,11 +116,12 @@ def generate_batch(
     stop_ids: set[int] | frozenset[int] = frozenset(),
     seed: int | list[int | None] | None = None,
     pad_id: int = 0,
+    drop_finished: bool = True,
 ) -> tuple[list[list[int]], list[bool]]:
     """All generated ids per row (including the stop token if one was hit) and whether each row stopped."""
     out: list[list[int]] = [[] for _ in prompts]
     stopped = [False] * len(prompts)
-    for step in generate(model, prompts, max_new_tokens, params, stop_ids, seed, pad_id):
+    for step in generate(model, prompts, max_new_tokens, params, stop_ids, seed, pad_id, drop_finished):
         for row in range(len(prompts)):
             if step.active[row]:
                 out[row].append(int(step.tokens[row]))
