@@ -18,6 +18,7 @@ import time
 import torch
 
 from scratchllm.config import model_preset
+from scratchllm.data.chat_batches import length_sorted_chunks
 from scratchllm.infer.engine import generate_batch
 from scratchllm.infer.sampling import SamplingParams
 from scratchllm.model.gpt import GPT
@@ -25,10 +26,10 @@ from scratchllm.model.gpt import GPT
 
 def generate_all(model: GPT, prompts: list[list[int]], max_new: int, stop: set[int], sort: bool, drop: bool,
                  batch: int = 64) -> list[list[int]]:
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if sort else list(range(len(prompts)))
+    chunks = (length_sorted_chunks([len(p) for p in prompts], batch) if sort
+              else [list(range(start, min(start + batch, len(prompts)))) for start in range(0, len(prompts), batch)])
     out: list[list[int]] = [[] for _ in prompts]
-    for start in range(0, len(order), batch):
-        chunk = order[start : start + batch]
+    for chunk in chunks:
         ids, _ = generate_batch(model, [prompts[i] for i in chunk], max_new, SamplingParams(temperature=1.0), stop,
                                 seed=list(chunk), drop_finished=drop)
         for i, row in zip(chunk, ids):

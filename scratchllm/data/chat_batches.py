@@ -17,6 +17,13 @@ from scratchllm.tokenizer.bpe import Tokenizer
 from scratchllm.tokenizer.chat import render_conversation, render_for_completion
 
 
+def length_sorted_chunks(lengths: list[int], size: int) -> list[list[int]]:
+    """Row indices in chunks of `size`, shortest rows first (stable): each chunk pads only to its own longest row.
+    Evaluation uses it wherever the order of rows does not change the result."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[start : start + size] for start in range(0, len(order), size)]
+
+
 def pad_right(rows: list[list[int]], value: int) -> Tensor:
     width = max(len(r) for r in rows)
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)

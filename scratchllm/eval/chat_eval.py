@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from scratchllm.data.chat_batches import length_sorted_chunks
 from scratchllm.data.tasks import canonical_reply
 from scratchllm.infer.engine import generate_batch
 from scratchllm.infer.sampling import SamplingParams
@@ -31,11 +32,9 @@ def generate_replies(
     was_training = model.training
     model.eval()
     rendered = [render_for_completion(tok, p) for p in prompts]
-    # Batch prompts of similar length (less left padding to prefill); prompt i keeps seed + i wherever it lands.
-    order = sorted(range(len(rendered)), key=lambda i: len(rendered[i]))
     out: list[tuple[str, bool]] = [("", False)] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    # Batch prompts of similar length (less left padding to prefill); prompt i keeps seed + i wherever it lands.
+    for chunk in length_sorted_chunks([len(r) for r in rendered], batch_size):
         seeds = None if seed is None else [seed + i for i in chunk]
         ids, _ = generate_batch(model, [rendered[i] for i in chunk], max_new_tokens, params, stop_ids, seeds, tok.pad_id)
         for i, row in zip(chunk, ids):

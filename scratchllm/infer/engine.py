@@ -74,38 +74,40 @@ def generate(
     logits = model(ids, kv_cache=cache, attention_mask=mask[:, :longest], last_only=True)[:, -1]
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    # `rows`: which of the B rows the cache (and `logits`, `mask`) still holds. Finished rows feed padding until
-    # a quarter of the cache has finished, then leave it: short replies stop paying for the longest one.
+    # `rows`: which of the B rows the cache holds; the per-row state (counts, mask, uniforms, settings) is kept in
+    # the cache's row order. Finished rows feed padding until a quarter of the cache has finished, then everything
+    # drops them at once: short replies stop paying for the longest one.
     rows = torch.arange(B, device=device)
     for step in range(budget):
         live = ~finished[rows]
         if uniform:
-            chosen = sample(process_logits(logits, counts[rows], row_params[0]), row_params[0])
+            chosen = sample(process_logits(logits, counts, row_params[0]), row_params[0])
         else:
-            kept = rows.tolist()
-            processed = process_logits(logits, counts[rows], row_params[0]) if not isinstance(params, list) else torch.cat(
-                [process_logits(logits[i : i + 1], counts[r : r + 1], row_params[r]) for i, r in enumerate(kept)])
+            processed = process_logits(logits, counts, row_params[0]) if not isinstance(params, list) else torch.cat(
+                [process_logits(logits[i : i + 1], counts[i : i + 1], p) for i, p in enumerate(row_params)])
             if uniforms is not None:
-                drawn = sample_from_uniforms(processed, uniforms[rows, step])
+                drawn = sample_from_uniforms(processed, uniforms[:, step])
             else:  # per-row settings without seeds: each row draws from the global generator
-                drawn = torch.cat([sample(processed[i : i + 1], row_params[r]) for i, r in enumerate(kept)])
-            chosen = torch.where(greedy[rows], processed.argmax(-1), drawn)
+                drawn = torch.cat([sample(processed[i : i + 1], p) for i, p in enumerate(row_params)])
+            chosen = torch.where(greedy, processed.argmax(-1), drawn)
         chosen = torch.where(live, chosen, torch.full_like(chosen, pad_id))
         active = ~finished
         next_ids = torch.full((B,), pad_id, dtype=torch.long, device=device)
         next_ids[rows] = chosen
-        counts[rows[live], chosen[live]] += 1
-        finished[rows] |= live & torch.isin(chosen, stop)
+        counts[live, chosen[live]] += 1
+        done = ~live | torch.isin(chosen, stop)
+        finished[rows] = done
         yield Step(next_ids, active, finished.clone())
         if bool(finished.all()) or step == budget - 1:
             return
-        mask[rows, longest + step] = live  # finished rows feed padding that nobody attends to
-        done = finished[rows]
+        mask[:, longest + step] = live  # finished rows feed padding that nobody attends to
         if drop_finished and int(done.sum()) * 4 >= len(rows):
             keep = (~done).nonzero().squeeze(1)
             cache.reorder(keep)
-            rows, chosen = rows[keep], chosen[keep]
-        logits = model(chosen[:, None], kv_cache=cache, attention_mask=mask[rows, : longest + step + 1])[:, -1]
+            rows, chosen, counts, mask, greedy = rows[keep], chosen[keep], counts[keep], mask[keep], greedy[keep]
+            uniforms = None if uniforms is None else uniforms[keep]
+            row_params = [row_params[i] for i in keep.tolist()]
+        logits = model(chosen[:, None], kv_cache=cache, attention_mask=mask[:, : longest + step + 1])[:, -1]
 
 
 def generate_batch(

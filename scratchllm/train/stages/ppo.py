@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from scratchllm.config import LoopConfig, OptimConfig, PPOConfig, SFTConfig
-from scratchllm.data.chat_batches import EpochStream, render_sft, sft_batch
+from scratchllm.data.chat_batches import EpochStream, length_sorted_chunks, render_sft, sft_batch
 from scratchllm.data.jsonl import read_conversations, read_preferences, read_tasks
 from scratchllm.eval.chat_eval import generate_replies
 from scratchllm.infer.sampling import SamplingParams
@@ -255,10 +255,15 @@ def _render_replies(tok: Tokenizer, pairs: list, replies: list[tuple[str, bool]]
     return pad_right(rows, tok.pad_id), pad_right(masks, 0).bool(), torch.tensor([len(r) for r in rows])
 
 
-def _length_sorted_chunks(lengths: Tensor, size: int) -> list[Tensor]:
-    """Row indices in chunks of `size`, shortest rows first: each chunk is cut to its own longest row, so
-    scoring pays for little padding (rows are right-padded and causal, so the cut changes no real token)."""
-    return list(torch.argsort(lengths, stable=True).split(size))
+@torch.no_grad()
+def reward_scores(reward_model: ScalarModel, ids: Tensor, lengths: Tensor, device: torch.device, chunk: int = 64) -> Tensor:
+    """The reward model's score of each right-padded row (B,), in row order, run in length-sorted chunks each cut
+    to its longest row (causal and right-padded: the cut changes no real token; memory stays bounded)."""
+    scores = torch.empty(len(lengths))
+    for rows in length_sorted_chunks(lengths.tolist(), chunk):
+        width = int(lengths[rows].max())
+        scores[rows] = reward_model(ids[rows, :width].to(device), lengths[rows].to(device)).float().cpu()
+    return scores
 
 
 @torch.no_grad()
@@ -266,12 +271,11 @@ def score_replies(policy: nn.Module, reference: nn.Module, reward_model: ScalarM
                   replies: list[tuple[str, bool]], device: torch.device, chunk: int = 64) -> dict[str, float]:
     """Learned reward, gold-judge score, KL to the reference (nats/token) and end rate of held-out replies."""
     ids, mask, lengths = _render_replies(tok, pairs, replies)
-    learned = torch.empty(len(replies))
+    learned = reward_scores(reward_model, ids, lengths, device, chunk)
     kl_sum = kl_tokens = 0.0
-    for rows in _length_sorted_chunks(lengths, chunk):
+    for rows in length_sorted_chunks(lengths.tolist(), chunk):  # as in reward_scores: cut to each chunk's longest
         width = int(lengths[rows].max())
         chunk_ids, chunk_mask = ids[rows, :width].to(device), mask[rows, :width].to(device)
-        learned[rows] = reward_model(chunk_ids, lengths[rows].to(device)).float().cpu()
         logp, m = response_token_logprobs(policy, chunk_ids, chunk_mask)
         ref_logp, _ = response_token_logprobs(reference, chunk_ids, chunk_mask)
         kl_sum += float(((logp - ref_logp) * m).sum())
@@ -300,11 +304,7 @@ def sampled_reply_scores(policy: nn.Module, reward_model: ScalarModel, tok: Toke
     replies = generate_replies(policy, tok, [p["prompt"] for p in prompts_k], max_new_tokens,
                                params=SamplingParams(temperature=temperature), seed=seed)
     ids, _, lengths = _render_replies(tok, prompts_k, replies)
-    scores = torch.empty(len(replies))
-    for rows in _length_sorted_chunks(lengths, 64):  # bounded memory at any preset
-        width = int(lengths[rows].max())
-        scores[rows] = reward_model(ids[rows, :width].to(device), lengths[rows].to(device)).float().cpu()
-    learned = scores.tolist()
+    learned = reward_scores(reward_model, ids, lengths, device).tolist()
     gold = gold_scores(prompts_k, replies)
     agree, told_apart = judge_agreement(learned, gold, len(pairs))
     metrics = {"learned_reward_sampled": sum(learned) / len(learned), "gold_score_sampled": sum(gold) / len(gold),

@@ -17,7 +17,7 @@ from scratchllm.data.tasks import canonical_reply, task_conversation
 from scratchllm.model.heads import ScalarModel, load_scalar_model
 from scratchllm.tokenizer.chat import render_for_completion
 from scratchllm.train.checkpoint import load_model
-from scratchllm.train.logprobs import sequence_logprobs
+from scratchllm.train.logprobs import response_token_logprobs, sequence_logprobs
 from scratchllm.train.losses import dpo_loss
 from scratchllm.train.rollout import Rollout, rollout_seed
 from scratchllm.train.stages import dpo, grpo, ppo, pretrain, reward, sft
@@ -336,6 +336,31 @@ def test_dpo_held_out_metrics_are_means_over_pairs_with_the_reference_scored_onc
             calls.clear()
     hook.remove()
     assert n_calls == 0  # the second evaluation never ran the reference
+
+
+def test_reply_scoring_in_length_sorted_chunks_equals_one_batch(tiny_world) -> None:
+    """Scores come back in row order and match the whole padded batch at once, whatever the chunk size."""
+    data, base = tiny_world
+    model, tok, _ = load_model(base)
+    torch.manual_seed(0)
+    rm, reference = ScalarModel(copy.deepcopy(model)), copy.deepcopy(model)
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.add_(0.02 * torch.randn_like(param))  # a reference unlike the policy: KL is not 0
+    pairs = read_preferences(data / "prefs_val.jsonl")[:13]
+    replies = [(p["chosen"] if i % 2 else p["rejected"][: 3 + i], i % 3 != 0) for i, p in enumerate(pairs)]
+    ids, mask, lengths = ppo._render_replies(tok, pairs, replies)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        whole = rm(ids, lengths)
+        logp, m = response_token_logprobs(model, ids, mask)
+        ref_logp, _ = response_token_logprobs(reference, ids, mask)
+    assert lengths.unique().numel() > 3  # rows of many lengths: chunks are cut to different widths
+    for chunk in (1, 4, 64):
+        assert torch.allclose(ppo.reward_scores(rm, ids, lengths, cpu, chunk), whole, atol=1e-5)
+        scored = ppo.score_replies(model, reference, rm, tok, pairs, replies, cpu, chunk)
+        assert scored["kl_to_sft"] == pytest.approx(float(((logp - ref_logp) * m).sum() / m.sum()), rel=1e-4)
+        assert scored["learned_reward"] == pytest.approx(float(whole.mean()), abs=1e-5)
 
 
 def test_lora_on_reward_and_ppo_trains_adapters_and_heads_only(sft_model, tmp_path) -> None:
