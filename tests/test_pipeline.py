@@ -39,6 +39,11 @@ def test_toy_pipeline_end_to_end_and_resumes(tmp_path: Path, capsys) -> None:
             chat = ("gold_sampled_vs_sft", "sampled_pass_at_1_vs_sft") if stage != "pretrain" else ()
             for key in ("pass_at_1_vs_sft", "gold_vs_sft") + chat:
                 assert re.fullmatch(r"\+\d+ −\d+, p=\S+", row[key]), (stage, key, row[key])
+    assert isinstance(comparison["sft"]["rm_accuracy"], float) and 0 <= comparison["sft"]["rm_accuracy"] <= 1
+    for key, _, _ in COMPARISON_ROWS:  # every row: a finite number or a paired change wherever a stage has it
+        present = [row[key] for row in comparison.values() if row.get(key) is not None]
+        assert present, key
+        assert all(math.isfinite(v) if isinstance(v, float) else re.fullmatch(r"\+\d+ −\d+, p=\S+", v) for v in present), key
     report = (root / "report.md").read_text()
     for _, label, _ in COMPARISON_ROWS:
         assert label in report
