@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
 
 from scratchllm.config import (
     ConfigError,
@@ -24,9 +28,23 @@ from scratchllm.config import (
 )
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators: a stage that builds a model, a head or LoRA adapters
+    after this repeats itself bit for bit."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def resolve_sections(defaults: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    """Stage defaults (dataclass instances) + `--section.key=value` overrides -> validated sections."""
-    return apply_overrides(defaults, list(overrides or []))
+    """Stage defaults (dataclass instances) + `--section.key=value` overrides -> validated sections.
+
+    Every stage calls this first, before it builds anything random, so it also seeds every generator with
+    `--loop.seed` (a seed applied only when training starts comes after the model's initialisation)."""
+    sections = apply_overrides(defaults, list(overrides or []))
+    if "loop" in sections:
+        seed_everything(sections["loop"].seed)
+    return sections
 
 
 def base_sections(loop: LoopConfig, optim: OptimConfig, **stage_sections: Any) -> dict[str, Any]:
