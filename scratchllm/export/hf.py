@@ -3,11 +3,14 @@
 Our parameter names are HF's minus the `model.` prefix, so export renames, writes `config.json`
 (LlamaConfig), `generation_config.json`, and the tokenizer as `tokenizer.json` + `tokenizer_config.json`
 with the ChatML chat template. Tests load the result with `transformers` and compare logits and ids.
+`--format gguf` writes one llama.cpp file instead (export/gguf.py); `--adapter` carries a LoRA adapter along
+(export/peft.py); every export gets a README.md model card (export/model_card.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -58,8 +61,9 @@ def llama_config(model: GPT, tok: Tokenizer) -> dict[str, Any]:
     }
 
 
-def export_hf(model: GPT, tok: Tokenizer, out: Path) -> Path:
-    if model.config.n_experts:  # checked before anything is written, so no half-exported directory is left behind
+def check_exportable(model: GPT) -> None:
+    """Refuse what a Llama-family file cannot hold, before anything is written (no half-exported output)."""
+    if model.config.n_experts:
         raise ValueError(
             f"cannot export a Mixture-of-Experts model (--model.n_experts={model.config.n_experts}) as "
             "LlamaForCausalLM: it has one dense MLP per layer and no router, so the experts would be dropped or "
@@ -67,6 +71,10 @@ def export_hf(model: GPT, tok: Tokenizer, out: Path) -> Path:
         )
     if model.config.sliding_window:
         raise ValueError("export supports full-attention models only (--model.sliding_window has no Llama equivalent)")
+
+
+def export_hf(model: GPT, tok: Tokenizer, out: Path) -> Path:
+    check_exportable(model)
     out.mkdir(parents=True, exist_ok=True)
     state = {to_hf_name(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
@@ -94,13 +102,40 @@ def export_hf(model: GPT, tok: Tokenizer, out: Path) -> Path:
 
 
 def main(argv: list[str]) -> int:
+    from scratchllm.export.model_card import write_model_card
+    from scratchllm.model.lora import load_adapter, lora_state_dict, merge_lora
     from scratchllm.train.checkpoint import load_model
 
     parser = argparse.ArgumentParser(prog="scratchllm export", description=__doc__)
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="model directory (e.g. runs/x/sft/final)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory (README.md model card included)")
+    parser.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                        help="hf: transformers folder; gguf: one file for llama.cpp / Ollama / LM Studio")
+    parser.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f32", help="GGUF weight type")
+    parser.add_argument("--adapter", type=Path, default=None,
+                        help="LoRA adapter trained on --checkpoint (ours, e.g. runs/x/sft/final_adapter, or PEFT's): "
+                             "hf writes it as a PEFT adapter in OUT/adapter; gguf merges it into the weights")
     args = parser.parse_args(argv)
     model, tok, _ = load_model(args.checkpoint)
-    export_hf(model, tok, args.out)
-    print(f"exported to {args.out}: AutoModelForCausalLM.from_pretrained({str(args.out)!r}) loads it")
+    if args.format == "gguf":
+        from scratchllm.export.gguf import export_gguf
+
+        if args.adapter:  # llama.cpp runs one file: the adapter goes into the weights
+            load_adapter(args.adapter, model)
+            merge_lora(model)
+        name = f"model-{args.dtype}.gguf"
+        export_gguf(model, tok, args.out / name, args.dtype, name=args.checkpoint.resolve().parent.name)
+        files = {name: f"llama.cpp: `llama-cli -m {name}`; Ollama: `FROM ./{name}` in a Modelfile"}
+    else:
+        from scratchllm.export.peft import save_peft_adapter
+
+        export_hf(model, tok, args.out)
+        files = {"model.safetensors, config.json, tokenizer.json": "`AutoModelForCausalLM.from_pretrained(OUT)`"}
+        if args.adapter:
+            adapted = copy.deepcopy(model)  # the base stays plain: the adapter travels beside it
+            cfg = load_adapter(args.adapter, adapted)
+            save_peft_adapter(args.out / "adapter", lora_state_dict(adapted), cfg, base_model=str(args.out))
+            files["adapter/"] = "`peft.PeftModel.from_pretrained(base, OUT/adapter)` (LoRA, PEFT format)"
+    write_model_card(args.out, model, tok, args.checkpoint, files)
+    print(f"exported {args.checkpoint} to {args.out}: {', '.join(files)}")
     return 0

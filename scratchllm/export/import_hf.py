@@ -1,5 +1,8 @@
 """`scratchllm import-hf DIR --out DIR`: a local Llama-family HF checkpoint -> our model directory.
 
+DIR may also be a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors): it becomes one of
+our adapter folders, which `--lora` and `export --adapter` take (PEFT folders are also read directly).
+
 The inverse rename table of export/hf.py. The tokenizer is rebuilt from the HF tokenizer.json when it is a
 byte-level BPE (vocab + merges in the GPT-2 byte alphabet); other tokenizers are refused with a reason.
 """
@@ -13,6 +16,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from scratchllm.config import ModelConfig
+from scratchllm.export.peft import is_peft_adapter, read_peft_adapter
 from scratchllm.model.gpt import GPT
 from scratchllm.tokenizer.bpe import Tokenizer, TokenizerError
 from scratchllm.tokenizer.hf import bytes_to_unicode
@@ -56,12 +60,22 @@ def tokenizer_from_hf(path: Path) -> Tokenizer:
 
 
 def main(argv: list[str]) -> int:
+    from scratchllm.model.lora import save_adapter_state
     from scratchllm.train.checkpoint import save_model
 
     parser = argparse.ArgumentParser(prog="scratchllm import-hf", description=__doc__)
     parser.add_argument("hf_dir", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if is_peft_adapter(args.hf_dir):
+        lora_cfg, adapter = read_peft_adapter(args.hf_dir)
+        save_adapter_state(args.out, adapter, lora_cfg)
+        print(f"imported PEFT adapter {args.hf_dir} -> {args.out} (r={lora_cfg.r}, alpha={lora_cfg.alpha:g}, "
+              f"{len(adapter) // 2} modules); use it with --lora {args.out}")
+        return 0
+    if not (args.hf_dir / "config.json").is_file():
+        parser.error(f"{args.hf_dir}: no config.json (a transformers model folder) and no adapter_config.json "
+                     "naming a peft_type (a PEFT adapter folder)")
     cfg = model_config_from_hf(json.loads((args.hf_dir / "config.json").read_text()))
     model = GPT(cfg)
     state = {}

@@ -157,35 +157,47 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def save_adapter(directory: str | Path, model: nn.Module, cfg: LoRAConfig) -> None:
     """adapter.safetensors (lora_state_dict) + adapter_config.json (r, alpha, dropout, targets, adapted modules)."""
+    save_adapter_state(directory, lora_state_dict(model), cfg)
+
+
+def save_adapter_state(directory: str | Path, adapter: dict[str, Tensor], cfg: LoRAConfig) -> None:
+    """save_adapter for adapter tensors already in hand (e.g. converted from PEFT by `import-hf`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    modules = sorted(k.rsplit(".", 1)[0] for k in lora_state_dict(model) if k.endswith("lora_A"))
+    modules = sorted(k.rsplit(".", 1)[0] for k in adapter if k.endswith("lora_A"))
     meta = {"format_version": 1, "r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout,
             "target_modules": cfg.target_modules, "modules": modules}
     # write-then-rename: a killed save never leaves a half-written adapter behind
-    save_file(lora_state_dict(model), str(directory / "adapter.safetensors.tmp"))
+    save_file({k: v.contiguous() for k, v in adapter.items()}, str(directory / "adapter.safetensors.tmp"))
     (directory / "adapter_config.json.tmp").write_text(json.dumps(meta, indent=2))
     os.replace(directory / "adapter.safetensors.tmp", directory / "adapter.safetensors")
     os.replace(directory / "adapter_config.json.tmp", directory / "adapter_config.json")
 
 
 def load_adapter(directory: str | Path, model: nn.Module) -> LoRAConfig:
-    """Inject adapters as saved (same r, alpha, targets) into a base model and load their weights."""
+    """Inject adapters as saved (same r, alpha, targets) into a base model and load their weights.
+
+    Reads our own adapter folders (save_adapter) and PEFT's (adapter_model.safetensors + adapter_config.json).
+    """
+    from scratchllm.export.peft import check_adapter_fits, is_peft_adapter, read_peft_adapter
+
     directory = Path(directory)
     config_path, weights_path = directory / "adapter_config.json", directory / "adapter.safetensors"
-    if not config_path.exists() or not weights_path.exists():
-        raise FileNotFoundError(f"{directory}: not an adapter directory (needs adapter_config.json and "
-                                "adapter.safetensors, as written by save_adapter)")
-    meta = json.loads(config_path.read_text())
-    cfg = LoRAConfig(r=int(meta["r"]), alpha=float(meta["alpha"]), dropout=float(meta["dropout"]),
-                     target_modules=str(meta["target_modules"]))
+    if is_peft_adapter(directory):
+        cfg, saved = read_peft_adapter(directory)
+    elif config_path.exists() and weights_path.exists():
+        meta = json.loads(config_path.read_text())
+        cfg = LoRAConfig(r=int(meta["r"]), alpha=float(meta["alpha"]), dropout=float(meta["dropout"]),
+                         target_modules=str(meta["target_modules"]))
+        saved = load_file(str(weights_path))
+    else:
+        raise FileNotFoundError(f"{directory}: not an adapter directory (needs adapter_config.json with "
+                                "adapter.safetensors, as written by save_adapter, or adapter_model.safetensors, "
+                                "as written by PEFT's save_pretrained)")
     inject_lora(model, cfg)
-    saved = load_file(str(weights_path))
-    expected = set(lora_state_dict(model))
-    if set(saved) != expected:
-        raise ValueError(f"{directory}: adapter does not fit this model (missing {sorted(expected - set(saved))[:3]}, "
-                         f"unexpected {sorted(set(saved) - expected)[:3]}); was it trained on another architecture?")
-    model.load_state_dict(saved, strict=False)
+    expected = lora_state_dict(model)
+    check_adapter_fits(directory, saved, expected)
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in saved.items()}, strict=False)
     return cfg
 
 
