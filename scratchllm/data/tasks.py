@@ -8,16 +8,20 @@ Canonical reply, one per language (the verifiers in train/rewards.py read the an
 X is Arabic digits for numeric answers ("42", "-3"), "a, b, c" (comma + space) for lists, and Chinese
 numerals ("一百二十三") only in the `zh_numeral` family's digits -> characters direction.
 
-Operands are single digits (0-9; 0-20 for next_number, remainder and zh_numeral). The tokenizer gives each
+Operands are single digits (0-9; 0-20 for next_number and zh_numeral). The tokenizer gives each
 digit its own token, so reading such an operand is attending to one token of the prompt; a two-digit operand
 has to be copied as a pair in order, the induction skill the CPU model does not have (docs/grpo.md: copy
 accuracy 0.000). With single digits a ~1,200-step task drill (`--sft.train_data=tasks`) makes the CPU model
 read its prompt (held-out compare 0.875, sort 0.625, against 0.100 and 0.000 for never reading).
 
 Families (each with several templates per language, so no single wording can be memorised):
-add, subtract, multiply, two_step (a + b - c), compare (larger/smaller), count_letters, reverse (3-4
-letters or words), sort (3 numbers), units (m<->cm, kg<->g, h<->min, min<->s, week<->day),
-zh_numeral (一百二十三 <-> 123), next_number (the number after / before n), remainder (n mod 2).
+add, subtract, multiply, double, two_step (a + b - c), compare (larger/smaller), count_letters (in a spaced-out
+list), reverse (3-4 letters or words), sort (3 numbers), units (m<->cm, kg<->g, h<->min, min<->s, week<->day),
+zh_numeral (一百二十三 <-> 123), next_number (the number after / before n).
+
+Where a family allows it the answer is drawn first, uniformly, and the question built around it: a model that
+answers each family's commonest answer without reading (the report's reference column) then scores little,
+so a pass@1 above it is reading, not a better guess.
 
 Same seed, same items: `generate_tasks(n, seed)` is a pure function of its arguments.
 """
@@ -104,18 +108,29 @@ def _pick(rng: random.Random, lang: str, en: list[str], zh: list[str]) -> str:
 
 
 def _add(rng: random.Random, lang: str) -> tuple[str, str, str]:
-    a, b = rng.randint(0, 9), rng.randint(0, 9)  # one digit each: see the module docstring
+    total = rng.randint(0, 18)  # the answer first, uniform: no sum is a better guess than another
+    a = rng.randint(max(0, total - 9), min(9, total))  # one digit each: see the module docstring
+    b = total - a
     en = [f"What is {a} + {b}?", f"Add {a} and {b}.", f"Compute {a} plus {b}.", f"What is the sum of {a} and {b}?"]
     zh = [f"{a} 加 {b} 等于多少？", f"计算 {a} + {b}。", f"{a} 和 {b} 的和是多少？", f"请算一下 {a} 加上 {b}。"]
     return _pick(rng, lang, en, zh), str(a + b), "math"
 
 
 def _subtract(rng: random.Random, lang: str) -> tuple[str, str, str]:
-    a = rng.randint(1, 9)
-    b = rng.randint(0, a)  # never negative: one less thing for a tiny model to learn
+    difference = rng.randint(0, 9)  # uniform answer; never negative: one less thing for a tiny model to learn
+    b = rng.randint(0, 9 - difference)
+    a = b + difference
     en = [f"What is {a} - {b}?", f"Subtract {b} from {a}.", f"Compute {a} minus {b}.", f"What is {a} take away {b}?"]
     zh = [f"{a} 减 {b} 等于多少？", f"计算 {a} - {b}。", f"{a} 减去 {b} 是多少？", f"从 {a} 里减掉 {b} 还剩多少？"]
     return _pick(rng, lang, en, zh), str(a - b), "math"
+
+
+def _double(rng: random.Random, lang: str) -> tuple[str, str, str]:
+    # One operand, one lookup: the first skill that shows a model reads its prompt rather than guessing.
+    n = rng.randint(0, 9)
+    en = [f"What is twice {n}?", f"Double {n}.", f"What is {n} doubled?", f"What is two times {n}?"]
+    zh = [f"{n} 的两倍是多少？", f"把 {n} 乘以二。", f"{n} 翻一倍是多少？", f"两个 {n} 加起来是多少？"]
+    return _pick(rng, lang, en, zh), str(2 * n), "math"
 
 
 def _multiply(rng: random.Random, lang: str) -> tuple[str, str, str]:
@@ -126,39 +141,44 @@ def _multiply(rng: random.Random, lang: str) -> tuple[str, str, str]:
 
 
 def _two_step(rng: random.Random, lang: str) -> tuple[str, str, str]:
-    a, b = rng.randint(1, 9), rng.randint(1, 9)
-    c = rng.randint(0, a + b)
+    result = rng.randint(0, 9)  # uniform answer, single-digit operands: redraw until c is a digit
+    while True:
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        c = a + b - result
+        if 0 <= c <= 9:
+            break
     en = [f"What is {a} + {b} - {c}?", f"Compute {a} plus {b} minus {c}.", f"Add {a} and {b}, then subtract {c}."]
     zh = [f"{a} + {b} - {c} 等于多少？", f"计算 {a} 加 {b} 再减 {c}。", f"先算 {a} 加 {b}，再减去 {c}，结果是多少？"]
     return _pick(rng, lang, en, zh), str(a + b - c), "math"
 
 
 def _compare(rng: random.Random, lang: str) -> tuple[str, str, str]:
-    a, b = rng.sample(range(0, 10), 2)
-    if rng.random() < 0.5:
+    larger = rng.random() < 0.5
+    answer = rng.randint(1, 9) if larger else rng.randint(0, 8)  # the answer first, uniform over what it can be
+    other = rng.randint(0, answer - 1) if larger else rng.randint(answer + 1, 9)
+    a, b = (answer, other) if rng.random() < 0.5 else (other, answer)  # and in either place
+    if larger:
         en = [f"Which is larger, {a} or {b}?", f"Which number is bigger: {a} or {b}?", f"Which is greater, {a} or {b}?"]
         zh = [f"{a} 和 {b} 哪个更大？", f"{a} 与 {b} 中较大的数是哪个？", f"{a} 和 {b}，哪个数大？"]
-        answer = max(a, b)
     else:
         en = [f"Which is smaller, {a} or {b}?", f"Which number is less: {a} or {b}?", f"Which is lower, {a} or {b}?"]
         zh = [f"{a} 和 {b} 哪个更小？", f"{a} 与 {b} 中较小的数是哪个？", f"{a} 和 {b}，哪个数小？"]
-        answer = min(a, b)
     return _pick(rng, lang, en, zh), str(answer), "math"
 
 
-WORDS = ["banana", "apple", "letter", "coffee", "pepper", "hello", "balloon", "cherry", "little", "summer",
-         "bottle", "rabbit", "paper", "kitten", "yellow", "tomato", "puppy", "dinner", "butter", "happy",
-         "carrot", "orange", "window", "garden", "pizza", "school", "tree", "moon", "book", "street"]
-
-
 def _count_letters(rng: random.Random, lang: str) -> tuple[str, str, str]:
-    word = rng.choice(WORDS)
-    letter = rng.choice(sorted(set(word)))
-    en = [f"How many times does the letter '{letter}' appear in '{word}'?", f"Count the letter '{letter}' in '{word}'.",
-          f"How many '{letter}' are in '{word}'?", f"In the word '{word}', how many '{letter}' are there?"]
-    zh = [f"单词 '{word}' 里有几个字母 '{letter}'？", f"数一数 '{word}' 中字母 '{letter}' 出现了几次。",
-          f"'{word}' 中有多少个 '{letter}'？", f"'{word}' 这个词里有几个 '{letter}'？"]
-    return _pick(rng, lang, en, zh), str(word.count(letter)), "math"
+    # Letters spaced out, so each is its own token (inside a word the tokenizer hides them); the count is drawn
+    # first, uniform over 1-5, so no count is a good guess.
+    count = rng.randint(1, 5)
+    letter, *others = rng.sample("abcdefghijklmnopqrstuvwxyz", 3)
+    letters = [letter] * count + [rng.choice(others) for _ in range(rng.randint(1, 7 - count))]
+    rng.shuffle(letters)
+    spelled = " ".join(letters)
+    en = [f"How many times does '{letter}' appear in: {spelled}", f"Count the letter '{letter}' in: {spelled}",
+          f"How many '{letter}' are in: {spelled}"]
+    zh = [f"'{letter}' 在这里出现了几次：{spelled}", f"数一数字母 '{letter}' 的个数：{spelled}",
+          f"下面有几个 '{letter}'：{spelled}"]
+    return _pick(rng, lang, en, zh), str(count), "math"
 
 
 SHORT_WORDS = ["cat", "dog", "sun", "red", "cup", "box", "pen", "hat", "map", "egg", "car", "bus", "sky", "tea"]
@@ -225,15 +245,6 @@ def _next_number(rng: random.Random, lang: str) -> tuple[str, str, str]:
     return _pick(rng, lang, en, zh), str(n - 1), "math"
 
 
-def _remainder(rng: random.Random, lang: str) -> tuple[str, str, str]:
-    # n mod 2: the answer is 0 or 1 and depends on the last digit only, so GRPO's groups hold both outcomes
-    # from the start and there is a rule to learn, not only a distribution to sharpen.
-    n = rng.randint(0, 20)
-    en = [f"What is the remainder when {n} is divided by 2?", f"What is {n} mod 2?", f"What is left over when {n} is divided by 2?"]
-    zh = [f"{n} 除以 2 的余数是多少？", f"{n} 除以 2 余几？", f"计算 {n} 除以 2 的余数。"]
-    return _pick(rng, lang, en, zh), str(n % 2), "math"
-
-
 FAMILIES: dict[str, Generator] = {
     "add": _add,
     "subtract": _subtract,
@@ -241,13 +252,19 @@ FAMILIES: dict[str, Generator] = {
     "two_step": _two_step,
     "compare": _compare,
     "count_letters": _count_letters,
+    "double": _double,
     "reverse": _reverse,
     "sort": _sort,
     "units": _units,
     "zh_numeral": _zh_numeral,
     "next_number": _next_number,
-    "remainder": _remainder,
 }
+
+
+# Ways of asking, put before half the questions: families with one or two single-digit operands have only a few
+# dozen questions per template, too few to hold 20 out per language and still train on hundreds.
+FRAMINGS = {"en": ["Quick question: ", "Please answer: ", "Tell me: ", "Can you help? ", "Here is one: "],
+            "zh": ["快问一下：", "请回答：", "告诉我：", "帮个忙：", "考考你："]}
 
 
 def make_task(rng: random.Random, family: str, lang: str, index: int) -> Item:
@@ -257,6 +274,8 @@ def make_task(rng: random.Random, family: str, lang: str, index: int) -> Item:
     if lang not in LANGS:
         raise ValueError(f"lang must be 'en' or 'zh', got {lang!r}")
     question, answer, verifier = FAMILIES[family](rng, lang)
+    if rng.random() < 0.5:
+        question = rng.choice(FRAMINGS[lang]) + question
     return {
         "id": f"{family}-{lang}-{index}",
         "family": family,
