@@ -116,10 +116,17 @@ class DataConfig:
     # 0 = one shard per split, built in memory (the bundled corpus); N > 0 = stream the text files into shards
     # of at most N tokens each, read back lazily, for corpora larger than memory (docs/scaling.md)
     shard_tokens: int = 0
+    # Chat-format data mixed into pretraining from the first step: comma-separated JSONL files of verifiable tasks
+    # (rendered with their canonical reply) or conversations; "" = plain text only. A small model that first meets
+    # the task questions in SFT has too few steps left to learn to read them (docs/results.md).
+    chat_data: str = ""
+    chat_rows: int = 4  # rows of every batch drawn from chat_data (the rest is text), when chat_data is set
 
     def __post_init__(self) -> None:
         if self.shard_tokens < 0:
             raise ConfigError(f"--data.shard_tokens must be >= 0 (0 = one shard per split), got {self.shard_tokens}")
+        if self.chat_rows < 0:
+            raise ConfigError(f"--data.chat_rows must be >= 0, got {self.chat_rows}")
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import platform
 import shutil
 import sys
 import time
@@ -57,7 +58,8 @@ def _interrupted(stage_dir: Path, key: str) -> bool:
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="scratchllm pipeline", description=__doc__)
+    parser = argparse.ArgumentParser(prog="scratchllm pipeline", description=__doc__,
+                                     epilog=OVERRIDES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", default="default", help="run name: everything goes to runs/<name>/")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
     parser.add_argument("--preset", default="mini", help="model preset (tiny for a toy run, mini for CPU)")
@@ -68,40 +70,115 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     for stage in STAGES:
         parser.add_argument(f"--skip-{stage}", action="store_true", help=f"skip the {stage} stage")
     parser.add_argument("--fresh", action="store_true", help="redo every selected stage even if finished")
-    parser.add_argument(
-        "--time-scale", type=float, default=1.0, help="multiply every stage's time budget (0.1 for a quick look)"
-    )
+    parser.add_argument("--work-scale", type=float, default=1.0,
+                        help="multiply every training stage's number of steps (0.1 for a quick look; the figures "
+                             "then differ from the README's)")
     parser.add_argument("--toy", action="store_true", help="toy scale for tests: tiny preset, a few steps per stage")
-    return parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.work_scale <= 0:
+        parser.error(f"--work-scale must be positive, got {args.work_scale}")
+    return args, extra
 
 
-# Default time budgets (seconds) per stage on the 2-core CPU. With eval, the report and start-up, three full runs
-# at 215 s of pretraining took 14:44, 14:52 and 15:01 (README): no margin. Faster evaluation (finished rows leave
-# the generation batch, length-sorted scoring, DPO's reference scored once) took ~40 s off the stages' overhead and
-# the report, and pretraining gives up 10 s more, for a margin of about a minute.
-# PPO has twice the time of earlier runs: in 68 steps (70 s) its learned reward on sampled replies rose for one
-# seed of two on the README run's models, in 136 it rose for both seeds on two runs' models (docs/ppo.md).
-BUDGET_S: dict[str, float] = {"pretrain": 205, "sft": 130, "reward": 80, "dpo": 35, "ppo": 140, "grpo": 100}
+OVERRIDES_HELP = """config overrides:
+  --section.key=value          to every stage that has the section (loop, optim, lora: every training stage;
+                               model, data: pretrain; sft, reward, dpo, ppo, grpo: that stage)
+  --stage.section.key=value    to one stage only, e.g. --sft.loop.max_steps=300 --pretrain.optim.lr=2e-3
+  A wall-clock cap is an explicit option: --loop.max_time_s=60 stops each stage's training after 60 s."""
+
+TRAINING_STAGES = ["pretrain", "sft", "reward", "dpo", "ppo", "grpo"]
+# Config sections each training stage reads (its run() builds them): where a routed override may go.
+STAGE_SECTIONS: dict[str, set[str]] = {
+    "pretrain": {"loop", "optim", "lora", "model", "data"},
+    **{stage: {"loop", "optim", "lora", stage} for stage in ("sft", "reward", "dpo", "ppo", "grpo")},
+}
 TOY_STEPS: dict[str, int] = {"pretrain": 6, "sft": 6, "reward": 6, "dpo": 4, "ppo": 3, "grpo": 3}
+# What each stage costs on any machine, in reference steps (train/reference_step.py), measured from the default
+# run in README.md (its report's cost table): the pipeline's estimate before a stage starts. Measured, not
+# promised: a different preset or --work-scale changes them, and the pipeline prints what each stage took.
+EXPECTED_REFERENCE_STEPS: dict[str, float] = {"tokenizer": 7, "pretrain": 300, "sft": 120, "reward": 50, "dpo": 30,
+                                              "ppo": 120, "grpo": 70, "report": 100}
 
 
-def _stage_overrides(args: argparse.Namespace, stage: str) -> list[str]:
+def route_overrides(extra: list[str]) -> dict[str, list[str]]:
+    """`--section.key=value` to every training stage that has the section, `--stage.section.key=value` to that
+    stage; anything no stage reads is refused here, before any work, rather than failing (or applying to one
+    stage only) later."""
+    routed: dict[str, list[str]] = {stage: [] for stage in TRAINING_STAGES}
+    for raw in extra:
+        text = raw.lstrip("-")
+        dotted = text.split("=", 1)[0]
+        parts = dotted.split(".")
+        if "=" not in text or len(parts) < 2:
+            raise PipelineError(f"unrecognised argument {raw!r}: overrides look like --section.key=value or "
+                                "--stage.section.key=value (scratchllm pipeline --help)")
+        if parts[0] in STAGE_SECTIONS and len(parts) == 3:
+            stage, section = parts[0], parts[1]
+            if section not in STAGE_SECTIONS[stage]:
+                raise PipelineError(f"{raw!r}: the {stage} stage has no {section!r} section; it has "
+                                    f"{sorted(STAGE_SECTIONS[stage])}")
+            routed[stage].append("--" + text.split(".", 1)[1])
+            continue
+        targets = [stage for stage, sections in STAGE_SECTIONS.items() if parts[0] in sections]
+        if len(parts) != 2 or not targets:
+            raise PipelineError(f"{raw!r}: no stage has a {parts[0]!r} section; sections are "
+                                f"{sorted(set().union(*STAGE_SECTIONS.values()))}, stages {TRAINING_STAGES}")
+        for stage in targets:
+            routed[stage].append("--" + text)
+    return routed
+
+
+def _stage_overrides(args: argparse.Namespace, stage: str, routed: dict[str, list[str]]) -> list[str]:
+    """The pipeline's own settings for a stage, then the user's routed overrides (the later value wins)."""
     overrides = [f"--loop.device={args.device}"]
+    if stage == "pretrain" and not args.toy:  # chat-format data from the first step (config.DataConfig.chat_data)
+        chat = args.corpus / "chat"
+        overrides.append(f"--data.chat_data={chat / 'tasks_train.jsonl'},{chat / 'sft_train.jsonl'}")
     if stage == "sft":
         overrides.append(f"--sft.pretrain_data={args.corpus / 'pretrain'}")
     if args.toy:
         overrides += [f"--loop.max_steps={TOY_STEPS[stage]}", "--loop.eval_every=0", "--loop.checkpoint_every=0"]
         overrides += ["--loop.eval_batches=2", "--loop.batch_size=4"]
-        overrides += {"pretrain": ["--loop.seq_len=64"], "sft": ["--sft.eval_prompts=8", "--sft.eval_tasks=11", "--sft.pretrain_seq_len=32"],
-                      "dpo": ["--dpo.eval_pairs=16", "--dpo.eval_prompts=8", "--dpo.eval_tasks=11"],
+        overrides += {"pretrain": ["--loop.seq_len=64"], "sft": ["--sft.eval_prompts=8", "--sft.eval_tasks=12", "--sft.pretrain_seq_len=32"],
+                      "dpo": ["--dpo.eval_pairs=16", "--dpo.eval_prompts=8", "--dpo.eval_tasks=12"],
                       "ppo": ["--ppo.rollout_batch=4", "--ppo.eval_prompts=8", "--ppo.max_new_tokens=8"],
                       "grpo": ["--grpo.prompts_per_step=2", "--grpo.group_size=4", "--grpo.max_new_tokens=8",
-                               "--grpo.eval_tasks=11"]}.get(stage, [])
-    else:
-        overrides.append(f"--loop.max_time_s={BUDGET_S[stage] * args.time_scale:g}")
+                               "--grpo.eval_tasks=12"]}.get(stage, [])
+    elif args.work_scale != 1.0:
+        import importlib
+
+        default_steps = importlib.import_module(f"scratchllm.train.stages.{stage}").DEFAULT_LOOP.max_steps
+        overrides.append(f"--loop.max_steps={max(1, round(default_steps * args.work_scale))}")
     if stage == "ppo":  # the report samples every checkpoint's replies on the same draws; no need to do it twice
         overrides.append("--ppo.eval_samples=0")
-    return overrides
+    return overrides + routed.get(stage, [])
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def measure_speed(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """This machine's reference-step time (train/reference_step.py), measured once per run and kept in speed.json,
+    so a resumed run's estimates and report use the same unit."""
+    from scratchllm.train.loop import resolve_device
+    from scratchllm.train.reference_step import measure_reference_step, reference_tokens_per_s
+
+    path = root / "speed.json"
+    if path.exists() and not args.fresh:
+        return json.loads(path.read_text())
+    device = str(resolve_device(args.device))
+    step_s = measure_reference_step(steps=1 if args.toy else 3, device=device)
+    speed = {"reference_step_s": round(step_s, 4), "reference_tokens_per_s": round(reference_tokens_per_s(step_s)),
+             "device": device, "threads": torch_threads(), "cpu": platform.processor() or platform.machine()}
+    save_json(path, speed)
+    return speed
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def main(argv: list[str]) -> int:
@@ -114,17 +191,32 @@ def main(argv: list[str]) -> int:
             print(f"scratchllm pipeline: unknown stage(s) {unknown}; choose from {STAGES}", file=sys.stderr)
             return 2
         selected = [s for s in selected if s in wanted]
+    try:
+        routed = route_overrides(extra)
+    except PipelineError as err:
+        print(f"scratchllm pipeline: {err}", file=sys.stderr)
+        return 2
     preset = "tiny" if args.toy else args.preset
     root = args.runs_dir / args.name
     root.mkdir(parents=True, exist_ok=True)
     chat_dir = args.corpus / "chat"
     summaries: dict[str, dict[str, Any]] = {}
-    upstream_key = _hash_inputs(preset, args.vocab_size, args.toy, extra)
+    upstream_key = _hash_inputs(preset, args.vocab_size, args.toy)
+    speed = measure_speed(root, args)
+    step_s = speed["reference_step_s"]
+    pending = [s for s in STAGES if s in selected and (args.fresh or not (root / s / "DONE.json").exists())]
+    expected = {s: EXPECTED_REFERENCE_STEPS[s] * (args.work_scale if s in TRAINING_STAGES else 1) * step_s
+                for s in pending}
+    print(f"[pipeline] this machine: one reference step (train/reference_step.py) takes {step_s:.2f} s "
+          f"({speed['reference_tokens_per_s']:,} tokens/s, {speed['device']}, {speed['threads']} threads)")
+    if expected and not args.toy:
+        plan = ", ".join(f"{s} ~{_minutes(t)}" for s, t in expected.items())
+        print(f"[pipeline] expected: {plan}; in all ~{_minutes(sum(expected.values()))}")
 
     def run_stage(stage: str, fn: Callable[[bool], dict[str, Any]]) -> None:
         nonlocal upstream_key
         stage_dir = root / stage
-        key = _hash_inputs(upstream_key, stage, args.time_scale)
+        key = _hash_inputs(upstream_key, stage, _stage_overrides(args, stage, routed) if stage in TRAINING_STAGES else [])
         upstream_key = key
         if stage not in selected:
             previous = _done(stage_dir, key)
@@ -146,11 +238,16 @@ def main(argv: list[str]) -> int:
         start = time.perf_counter()
         summary = dict(fn(resume))
         summary["time_s"] = round(time.perf_counter() - start, 1)
+        summary["reference_steps"] = round(summary["time_s"] / step_s, 1)
         stage_dir.mkdir(parents=True, exist_ok=True)
         _mark_done(stage_dir, key, summary)
         summaries[stage] = summary
-        shown = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
+        shown = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and "/" not in k}
         print(f"[pipeline] {stage} done: {json.dumps(shown)}", flush=True)
+        expected.pop(stage, None)
+        if expected and not args.toy:
+            print(f"[pipeline] {stage} took {_minutes(summary['time_s'])} = {summary['reference_steps']:.0f} reference "
+                  f"steps; about {_minutes(sum(expected.values()))} left", flush=True)
 
     tokenizer_path = root / "tokenizer" / "tokenizer.json"
 
@@ -180,7 +277,7 @@ def main(argv: list[str]) -> int:
             preset=preset,
             tokenizer=tokenizer_path,
             data_dir=args.corpus / "pretrain",
-            overrides=_stage_overrides(args, "pretrain") + extra,
+            overrides=_stage_overrides(args, "pretrain", routed),
             resume=resume,
         )
 
@@ -192,7 +289,7 @@ def main(argv: list[str]) -> int:
 
             module = importlib.import_module(f"scratchllm.train.stages.{stage}")
             return module.run(
-                root, final(init_from), data_dir=chat_dir, overrides=_stage_overrides(args, stage), resume=resume,
+                root, final(init_from), data_dir=chat_dir, overrides=_stage_overrides(args, stage, routed), resume=resume,
                 **kwargs,
             )
 
@@ -220,7 +317,11 @@ def main(argv: list[str]) -> int:
         )
         save_json(root / "comparison.json", comparison)
         chat_commands = [f"scratchllm chat --checkpoint {p}" for s, p in checkpoints.items() if p.exists()]
-        report = write_report(root, comparison, summaries, chat_commands)
+        comparison_s = time.perf_counter() - start
+        report = write_report(root, comparison, summaries, chat_commands, speed=speed, comparison_s=comparison_s)
+        total_s = comparison_s + sum(summary.get("time_s", 0.0) for summary in summaries.values())
         print(f"[pipeline] report written in {time.perf_counter() - start:.0f}s: {report}")
+        print(f"[pipeline] the run's stages and report: {_minutes(total_s)} = {total_s / step_s:.0f} reference steps "
+              f"of {step_s:.2f} s")
         print("\nTalk to a checkpoint:\n  " + "\n  ".join(chat_commands))
     return 0

@@ -50,6 +50,12 @@ def test_toy_pipeline_end_to_end_and_resumes(tmp_path: Path, capsys) -> None:
     families = {k.split("/")[1] for k in comparison["grpo"] if k.startswith("pass_at_1/")}
     assert families and all(f"| {family} |" in report for family in families)  # the per-family table
     assert (root / "pretrain_curves.png").exists() and (root / "sft_curves.png").exists()
+    speed = json.loads((root / "speed.json").read_text())
+    assert speed["reference_step_s"] > 0
+    assert "## Cost" in report and f"One reference step took {speed['reference_step_s']:.3f} s" in report
+    for stage in ("pretrain", "sft", "reward", "dpo", "ppo", "grpo", "report"):
+        assert re.search(rf"\| {stage} \| [\d—]+ \| [\d.]+ \| \d+ \|", report), stage
+    assert re.search(r"Evaluation and overhead: \d+% of the run's time", report)
     assert "scratchllm chat --checkpoint" in capsys.readouterr().out
     # A second invocation skips every finished stage.
     assert main(["--toy", "--runs-dir", str(tmp_path), "--name", "toy", "--corpus", str(CORPUS), "--skip-report"]) == 0
@@ -81,3 +87,38 @@ def test_rerun_continues_an_interrupted_stage_from_its_checkpoint(tmp_path: Path
     assert "pretrain: continuing the interrupted run" in out and "at step 3" in out
     done = json.loads((tmp_path / "toy" / "pretrain" / "DONE.json").read_text())
     assert done["summary"]["steps"] == TOY_STEPS["pretrain"]
+
+
+def test_overrides_reach_every_stage_that_has_the_section_and_no_other() -> None:
+    from scratchllm.pipeline import PipelineError, route_overrides
+
+    routed = route_overrides(["--loop.seed=3", "--model.d_model=64", "--sft.eval_tasks=5", "--grpo.loop.max_steps=9",
+                              "--data.chat_rows=2"])
+    assert all("--loop.seed=3" in routed[stage] for stage in routed)  # every training stage has a loop
+    assert routed["pretrain"] == ["--loop.seed=3", "--model.d_model=64", "--data.chat_rows=2"]
+    assert routed["sft"] == ["--loop.seed=3", "--sft.eval_tasks=5"]
+    assert routed["grpo"] == ["--loop.seed=3", "--loop.max_steps=9"]  # one stage's loop only
+    assert "--loop.max_steps=9" not in routed["ppo"]
+    for bad, reason in (("--nosuch.key=1", "no stage has a 'nosuch' section"),
+                        ("--sft.model.d_model=8", "the sft stage has no 'model' section"),
+                        ("--sft", "overrides look like")):
+        with pytest.raises(PipelineError, match=reason):
+            route_overrides([bad])
+
+
+def test_unknown_override_section_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    assert main(["--toy", "--runs-dir", str(tmp_path), "--corpus", str(CORPUS), "--nosuch.key=1"]) == 2
+    assert "no stage has a 'nosuch' section" in capsys.readouterr().err
+    assert not (tmp_path / "default").exists()
+
+
+def test_reference_step_is_measured_without_touching_the_callers_random_state() -> None:
+    import torch
+
+    from scratchllm.train.reference_step import measure_reference_step
+
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    seconds = measure_reference_step(steps=1)
+    assert seconds > 0 and torch.equal(torch.rand(3), expected)

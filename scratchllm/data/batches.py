@@ -56,13 +56,17 @@ class LMWindows:
                       "the batches from here on differ from an uninterrupted run")
         self.position = state["position"]
 
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+    def indexed(self) -> Iterator[tuple[int, dict[str, Tensor]]]:
+        """(global batch index, batch) from the current position on; the index addresses a companion stream."""
         from scratchllm.train import distributed as dist
 
         while True:
             index = self.position * dist.world_size() + dist.rank()
             self.position += 1
-            yield self.batch(index)
+            yield index, self.batch(index)
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        return (batch for _, batch in self.indexed())
 
 
 def sequential_windows(tokens: np.ndarray | ShardSet, seq_len: int, batch_size: int,

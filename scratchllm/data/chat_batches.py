@@ -10,6 +10,7 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,6 +37,18 @@ def render_sft(tok: Tokenizer, conversations: list[dict[str, Any]], max_len: int
         if any(mask[1:]):  # something left to train after truncation
             out.append((ids, mask))
     return out
+
+
+def chat_token_stream(tok: Tokenizer, conversations: list[dict[str, Any]], seed: int) -> np.ndarray:
+    """Every conversation rendered with the chat template, in a seeded order, end to end: one token array that
+    pretraining draws windows from (`LMWindows`), so the template and the task questions are language the model
+    learns from its first step, not a format it first meets in SFT."""
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    ids: list[int] = []
+    for i in order:
+        ids += render_conversation(tok, conversations[i]["messages"])[0]
+    return np.asarray(ids, dtype=np.int64)
 
 
 def sft_batch(examples: list[tuple[list[int], list[bool]]], pad_id: int) -> dict[str, Tensor]:

@@ -175,11 +175,37 @@ def before_after_table(run_dir: Path, stages: list[str]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def cost_table(stage_summaries: dict[str, dict[str, Any]], speed: dict[str, Any], comparison_s: float) -> str:
+    """Markdown table of what each stage cost: steps, seconds, and the same in reference steps (this machine's
+    time of one fixed training step, train/reference_step.py), split into training and the rest (evaluation,
+    loading, saving), with the report's own measuring as one more row."""
+    step_s = float(speed["reference_step_s"])
+    lines = [f"One reference step took {step_s:.3f} s here ({speed.get('reference_tokens_per_s', 0):,} tokens/s, "
+             f"{speed.get('device', '?')}, {speed.get('threads', '?')} threads, {speed.get('cpu', '?')}); "
+             "reference steps compare across machines, seconds do not.", "",
+             "| stage | steps | time (s) | reference steps | training (s) | evaluation and overhead (s) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    total = evaluation = 0.0
+    for stage, summary in [*stage_summaries.items(), ("report", {"time_s": comparison_s})]:
+        seconds = float(summary.get("time_s", 0.0))
+        training = float(summary.get("train_seconds", 0.0))
+        other = seconds - training
+        total, evaluation = total + seconds, evaluation + other
+        lines.append(f"| {stage} | {summary.get('steps', '—')} | {seconds:.1f} | {seconds / step_s:.0f} | "
+                     f"{training:.1f} | {other:.1f} |")
+    lines.append(f"| **all** | | {total:.1f} | {total / step_s:.0f} | {total - evaluation:.1f} | {evaluation:.1f} |")
+    share = evaluation / total if total else 0.0
+    lines += ["", f"Evaluation and overhead: {share:.0%} of the run's time."]
+    return "\n".join(lines)
+
+
 def write_report(
     run_dir: Path,
     comparison: dict[str, dict[str, float | str | None]],
     stage_summaries: dict[str, dict[str, Any]],
     chat_commands: list[str],
+    speed: dict[str, Any] | None = None,
+    comparison_s: float = 0.0,
 ) -> Path:
     """Write `run_dir/report.md` and the PNG plots beside it; returns the report path."""
     stages = list(stage_summaries)
@@ -199,6 +225,8 @@ def write_report(
         )
         lines.append(f"| {stage} | {_fmt(summary.get('time_s'))} | {_cell(headline)} |")
     lines.append("")
+    if speed:
+        lines += ["## Cost", "", cost_table(stage_summaries, speed, comparison_s), ""]
     before_after = before_after_table(run_dir, stages)
     if before_after:
         lines += ["## Before and after, by each stage's own evaluation", "",

@@ -13,10 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from torch import Tensor, nn
 
-from scratchllm.config import DataConfig, LoopConfig, OptimConfig, TokenizerConfig, model_preset
+from scratchllm.config import ConfigError, DataConfig, LoopConfig, OptimConfig, TokenizerConfig, model_preset
 from scratchllm.data.batches import LMWindows, sequential_windows
+from scratchllm.data.chat_batches import chat_token_stream
+from scratchllm.data.jsonl import read_conversations, read_tasks
 from scratchllm.data.shards import ShardError, ShardSet, build_shard, build_shards, load_shard
 from scratchllm.eval.metrics import copy_accuracy, evaluate_lm, token_byte_lengths
 from scratchllm.model.gpt import GPT
@@ -25,9 +29,9 @@ from scratchllm.train.loop import train
 from scratchllm.train.losses import cross_entropy_loss
 from scratchllm.train.stages.runner import base_sections, finish, resolve_sections, stage_main
 
-# Defaults measured on 2 CPU cores for the `mini` preset (see README "Pretraining").
-DEFAULT_LOOP = LoopConfig(max_steps=2000, batch_size=16, seq_len=256, eval_every=200, eval_batches=16,
-                          checkpoint_every=200, max_time_s=300)
+# The default run's pretraining: a fixed number of steps, the same model on every machine (docs/results.md).
+DEFAULT_LOOP = LoopConfig(max_steps=300, batch_size=16, seq_len=256, eval_every=100, eval_batches=16,
+                          checkpoint_every=100)
 DEFAULT_OPTIM = OptimConfig(lr=3e-3, warmup_steps=30, weight_decay=0.1, min_lr_ratio=0.1)
 
 
@@ -35,14 +39,28 @@ class PretrainStage:
     name = "pretrain"
     supports_fsdp = True  # every step calls the whole model (--loop.parallel=fsdp)
 
-    def __init__(self, train_tokens, val_tokens, tokenizer: Tokenizer, loop: LoopConfig) -> None:
-        self.windows = LMWindows(train_tokens, loop.seq_len, loop.batch_size, seed=loop.seed)
+    def __init__(self, train_tokens, val_tokens, tokenizer: Tokenizer, loop: LoopConfig,
+                 chat_tokens: np.ndarray | None = None, chat_rows: int = 0) -> None:
+        chat_rows = chat_rows if chat_tokens is not None else 0
+        if chat_rows >= loop.batch_size:
+            raise ConfigError(f"--data.chat_rows={chat_rows} must be below --loop.batch_size={loop.batch_size}: "
+                              "every batch keeps some text rows")
+        self.windows = LMWindows(train_tokens, loop.seq_len, loop.batch_size - chat_rows, seed=loop.seed)
+        # The chat rows of batch k are a pure function of (seed, k), like the text rows: resume stays exact.
+        self.chat_windows = LMWindows(chat_tokens, loop.seq_len, chat_rows, seed=loop.seed + 1) if chat_rows else None
         self.val_tokens, self.loop = val_tokens, loop
         self.token_bytes = token_byte_lengths(tokenizer, tokenizer.vocab_size)
         self.n_regular_tokens = min(tokenizer.special_by_id, default=tokenizer.vocab_size)  # specials come last
 
     def batches(self, split: str) -> Iterator[dict[str, Tensor]]:
-        return iter(self.windows)
+        if self.chat_windows is None:
+            return iter(self.windows)
+        return self._mixed_batches()
+
+    def _mixed_batches(self) -> Iterator[dict[str, Tensor]]:
+        for index, text in self.windows.indexed():
+            chat = self.chat_windows.batch(index)
+            yield {key: torch.cat([text[key], chat[key]]) for key in ("ids", "targets")}
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         return cross_entropy_loss(model(batch["ids"]), batch["targets"]), {}
@@ -102,6 +120,24 @@ def shard_set_for(split_dir: Path, tokenizer: Tokenizer, cache_dir: Path, shard_
     return ShardSet(paths, tokenizer)
 
 
+def chat_pretraining_tokens(files: str, tok: Tokenizer, seed: int) -> np.ndarray:
+    """`--data.chat_data` (comma-separated JSONL files) as one token stream: a file whose first record has an
+    `answer` holds verifiable tasks (each becomes its question and canonical reply), any other conversations."""
+    from scratchllm.data.tasks import task_conversation
+
+    conversations: list[dict[str, Any]] = []
+    for name in filter(None, (f.strip() for f in files.split(","))):
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"--data.chat_data: no file {path}; give JSONL files of tasks or conversations")
+        first = next((line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()), "{}")
+        if "answer" in json.loads(first):
+            conversations += [task_conversation(t) for t in read_tasks(path)]
+        else:
+            conversations += read_conversations(path)
+    return chat_token_stream(tok, conversations, seed)
+
+
 def run(
     run_root: Path,
     init: Path | None = None,
@@ -140,9 +176,13 @@ def run(
         val_tokens = shard_set_for(data_dir / "val", tok, cache, shard_tokens)
     else:
         train_tokens, val_tokens = shard_for(data_dir / "train", tok, cache), shard_for(data_dir / "val", tok, cache)
-    stage = PretrainStage(train_tokens, val_tokens, tok, loop)
+    data = sections["data"]
+    chat_tokens = chat_pretraining_tokens(data.chat_data, tok, loop.seed) if data.chat_data and data.chat_rows else None
+    stage = PretrainStage(train_tokens, val_tokens, tok, loop, chat_tokens, data.chat_rows)
     print(f"[pretrain] {model.num_params() / 1e6:.2f}M parameters, {stage.windows.n_tokens / 1e6:.2f}M train tokens"
-          + (f" in {len(train_tokens)} shards" if shard_tokens else ""))
+          + (f" in {len(train_tokens)} shards" if shard_tokens else "")
+          + (f" + {len(chat_tokens) / 1e6:.2f}M chat-format tokens in {data.chat_rows} of {loop.batch_size} rows"
+             if chat_tokens is not None else ""))
     metrics = train(model, stage, sections["optim"], loop, stage_dir, resume=resume, tokenizer=tok, config_sections=sections)
     return finish(stage_dir, metrics, sections, started)
 

@@ -1,0 +1,57 @@
+"""Chat-format rows in pretraining: the batch keeps its size, the rows come from the rendered conversations, and
+batch k is the same whether the run was interrupted or not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from scratchllm.config import ConfigError, LoopConfig
+from scratchllm.data.chat_batches import chat_token_stream
+from scratchllm.data.jsonl import read_tasks
+from scratchllm.data.tasks import task_conversation
+from scratchllm.tokenizer.bpe import Tokenizer
+from scratchllm.train.stages.pretrain import PretrainStage, chat_pretraining_tokens
+
+
+def _stage(tok: Tokenizer, chat: np.ndarray | None, rows: int) -> PretrainStage:
+    text = np.arange(5_000, dtype=np.int64) % 200  # text tokens never above 200: rows tell their source
+    loop = LoopConfig(batch_size=6, seq_len=16, seed=3)
+    return PretrainStage(text, text, tok, loop, chat, rows)
+
+
+def test_chat_rows_fill_the_end_of_every_batch_and_resume_exactly(tiny_world) -> None:
+    data, base = tiny_world
+    tok = Tokenizer.load(base / "tokenizer.json")
+    chat = chat_pretraining_tokens(str(data / "tasks_train.jsonl"), tok, seed=3)
+    assert tok.im_start_id in chat and tok.im_end_id in chat  # rendered with the chat template
+    stage = _stage(tok, chat, rows=2)
+    batches = stage.batches("train")
+    first = [next(batches) for _ in range(4)]
+    assert all(b["ids"].shape == (6, 16) for b in first)
+    stream = set(chat.tolist())
+    for batch in first:  # rows 4-5 are windows of the chat stream, rows 0-3 of the text
+        assert (batch["ids"][:4] < 200).all()
+        assert all(set(row.tolist()) <= stream for row in batch["ids"][4:])
+    resumed = _stage(tok, chat, rows=2)
+    resumed.load_state_dict({"position": 2})
+    again = resumed.batches("train")
+    for expected in first[2:]:
+        got = next(again)
+        assert torch.equal(got["ids"], expected["ids"]) and torch.equal(got["targets"], expected["targets"])
+
+
+def test_chat_stream_is_every_conversation_once_in_a_seeded_order(tiny_world) -> None:
+    data, base = tiny_world
+    tok = Tokenizer.load(base / "tokenizer.json")
+    conversations = [task_conversation(t) for t in read_tasks(data / "tasks_train.jsonl")]
+    a, b = chat_token_stream(tok, conversations, 1), chat_token_stream(tok, conversations, 1)
+    assert np.array_equal(a, b) and not np.array_equal(a, chat_token_stream(tok, conversations, 2))
+    assert (a == tok.im_end_id).sum() == 2 * len(conversations)  # user and assistant turn of each, once
+
+
+def test_chat_rows_must_leave_text_rows(tiny_world) -> None:
+    tok = Tokenizer.load(tiny_world[1] / "tokenizer.json")
+    with pytest.raises(ConfigError, match="--data.chat_rows=6 must be below --loop.batch_size=6"):
+        _stage(tok, np.arange(100, dtype=np.int64), rows=6)
