@@ -121,6 +121,7 @@ class DataConfig:
     # the task questions in SFT has too few steps left to learn to read them (docs/results.md).
     chat_data: str = ""
     chat_rows: int = 4  # rows of every batch drawn from chat_data (the rest is text), when chat_data is set
+    eval_tasks: str = ""  # JSONL of held-out tasks: pretraining's evaluation then also reports greedy task pass@1
 
     def __post_init__(self) -> None:
         if self.shard_tokens < 0:
@@ -139,12 +140,16 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # global grad-norm clip; 0 disables
+    # > 0: Muon (train/optim.py) for the blocks' matrices at this peak lr (scheduled like lr); 0 = AdamW for all
+    muon_lr: float = 0.0
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ConfigError(f"--optim.lr must be positive, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("--optim.min_lr_ratio must be in [0, 1]")
+        if self.muon_lr < 0:
+            raise ConfigError(f"--optim.muon_lr must be >= 0 (0 = AdamW for every parameter), got {self.muon_lr}")
 
 
 @dataclass

@@ -262,7 +262,7 @@ def train(
                 progress = max(progress, train_seconds / loop.max_time_s)
             lr = lr_at(progress, step, optim)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             drawn: list[dict[str, Any]] = []
             while True:
                 try:

@@ -22,6 +22,7 @@ from scratchllm.data.batches import LMWindows, sequential_windows
 from scratchllm.data.chat_batches import chat_token_stream
 from scratchllm.data.jsonl import read_conversations, read_tasks
 from scratchllm.data.shards import ShardError, ShardSet, build_shard, build_shards, load_shard
+from scratchllm.eval.chat_eval import task_pass_at_1
 from scratchllm.eval.metrics import copy_accuracy, evaluate_lm, token_byte_lengths
 from scratchllm.model.gpt import GPT
 from scratchllm.tokenizer.bpe import Tokenizer
@@ -40,7 +41,8 @@ class PretrainStage:
     supports_fsdp = True  # every step calls the whole model (--loop.parallel=fsdp)
 
     def __init__(self, train_tokens, val_tokens, tokenizer: Tokenizer, loop: LoopConfig,
-                 chat_tokens: np.ndarray | None = None, chat_rows: int = 0) -> None:
+                 chat_tokens: np.ndarray | None = None, chat_rows: int = 0,
+                 val_tasks: list[dict[str, Any]] | None = None) -> None:
         chat_rows = chat_rows if chat_tokens is not None else 0
         if chat_rows >= loop.batch_size:
             raise ConfigError(f"--data.chat_rows={chat_rows} must be below --loop.batch_size={loop.batch_size}: "
@@ -48,7 +50,7 @@ class PretrainStage:
         self.windows = LMWindows(train_tokens, loop.seq_len, loop.batch_size - chat_rows, seed=loop.seed)
         # The chat rows of batch k are a pure function of (seed, k), like the text rows: resume stays exact.
         self.chat_windows = LMWindows(chat_tokens, loop.seq_len, chat_rows, seed=loop.seed + 1) if chat_rows else None
-        self.val_tokens, self.loop = val_tokens, loop
+        self.val_tokens, self.loop, self.tok, self.val_tasks = val_tokens, loop, tokenizer, val_tasks or []
         self.token_bytes = token_byte_lengths(tokenizer, tokenizer.vocab_size)
         self.n_regular_tokens = min(tokenizer.special_by_id, default=tokenizer.vocab_size)  # specials come last
 
@@ -68,7 +70,10 @@ class PretrainStage:
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         batches = sequential_windows(self.val_tokens, self.loop.seq_len, self.loop.batch_size, self.loop.eval_batches)
         # copy_accuracy: induction heads forming show up here as a jump (Olsson et al. 2022); 0 on a 5-minute CPU run
-        return {**evaluate_lm(model, batches, self.token_bytes), "copy_accuracy": copy_accuracy(model, self.n_regular_tokens)}
+        metrics = {**evaluate_lm(model, batches, self.token_bytes), "copy_accuracy": copy_accuracy(model, self.n_regular_tokens)}
+        if self.val_tasks:  # with task-format rows in the batches, whether the model reads the questions yet
+            metrics.update(task_pass_at_1(model, self.tok, self.val_tasks))
+        return metrics
 
     def tokens_in(self, batch: dict[str, Tensor]) -> int:
         return batch["ids"].numel()
@@ -178,7 +183,8 @@ def run(
         train_tokens, val_tokens = shard_for(data_dir / "train", tok, cache), shard_for(data_dir / "val", tok, cache)
     data = sections["data"]
     chat_tokens = chat_pretraining_tokens(data.chat_data, tok, loop.seed) if data.chat_data and data.chat_rows else None
-    stage = PretrainStage(train_tokens, val_tokens, tok, loop, chat_tokens, data.chat_rows)
+    val_tasks = read_tasks(Path(data.eval_tasks)) if data.eval_tasks else None
+    stage = PretrainStage(train_tokens, val_tokens, tok, loop, chat_tokens, data.chat_rows, val_tasks)
     print(f"[pretrain] {model.num_params() / 1e6:.2f}M parameters, {stage.windows.n_tokens / 1e6:.2f}M train tokens"
           + (f" in {len(train_tokens)} shards" if shard_tokens else "")
           + (f" + {len(chat_tokens) / 1e6:.2f}M chat-format tokens in {data.chat_rows} of {loop.batch_size} rows"
