@@ -1,4 +1,4 @@
-"""Text files -> token shards on disk (uint16 when the vocab fits, else uint32) with a JSON header; memmap reader.
+"""Text (.txt, .jsonl, .parquet; data/sources.py) -> token shards (uint16/uint32) + JSON header; memmap reader.
 
 Layout of a shard: 8-byte little-endian header length, the UTF-8 JSON header, then the raw token array.
 The header records the tokenizer fingerprint, so a shard built with another tokenizer is refused instead
@@ -13,25 +13,22 @@ import json
 import os
 import struct
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+# DOC_SEPARATOR, iter_documents, split_documents moved to sources.py; imported here too for existing callers
+from scratchllm.data.sources import DOC_SEPARATOR, iter_documents, iter_text_documents, split_documents  # noqa: F401
 from scratchllm.tokenizer.bpe import Tokenizer
 
 MAGIC = "scratchllm-shard"
 VERSION = 1
-DOC_SEPARATOR = "\n\n\n"  # corpus/README.md: documents are separated by three newlines
 
 
 class ShardError(ValueError):
     """A shard file is unreadable or does not belong to this tokenizer."""
-
-
-def split_documents(text: str) -> list[str]:
-    return [doc.strip("\n") for doc in text.split(DOC_SEPARATOR) if doc.strip()]
 
 
 def write_shard(path: Path, tokens: np.ndarray, header: dict[str, Any]) -> None:
@@ -45,19 +42,21 @@ def write_shard(path: Path, tokens: np.ndarray, header: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def build_shard(files: list[Path], tokenizer: Tokenizer, out: Path, num_workers: int = 1) -> Path:
-    """Tokenize every document of `files` into one shard; documents end with <|endoftext|>."""
+def build_shard(files: list[Path], tokenizer: Tokenizer, out: Path, num_workers: int = 1,
+                data: str | None = None) -> Path:
+    """Tokenize every document of `files` (.txt, .jsonl or .parquet) into one shard; documents end with
+    <|endoftext|>. `data` (sources.data_fingerprint of the files) goes into the header for cache checks."""
     docs: list[str] = []
     for path in files:
-        docs.extend(split_documents(path.read_text(encoding="utf-8")))
+        docs.extend(iter_text_documents(path))
     encoded = tokenizer.encode_batch(docs, num_workers=num_workers)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_shard(out, *_shard_array(encoded, docs, tokenizer, [p.name for p in files]))
+    write_shard(out, *_shard_array(encoded, docs, tokenizer, [p.name for p in files], data))
     return out
 
 
 def _shard_array(encoded: list[list[int]], docs: list[str], tokenizer: Tokenizer,
-                 files: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
+                 files: list[str], data: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Documents' ids, each followed by <|endoftext|>, as one array + the shard header."""
     dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
     total = sum(len(ids) + 1 for ids in encoded)
@@ -73,23 +72,13 @@ def _shard_array(encoded: list[list[int]], docs: list[str], tokenizer: Tokenizer
         "n_documents": len(docs), "n_text_bytes": n_bytes, "tokenizer": tokenizer.fingerprint(),
         "files": files,
     }
+    if data is not None:
+        header["data"] = data
     return tokens, header
 
 
-def iter_documents(path: Path, chunk_chars: int = 1 << 24) -> Iterator[str]:
-    """The documents of one text file, read `chunk_chars` characters at a time (a file may exceed memory)."""
-    pending = ""
-    with path.open(encoding="utf-8") as f:
-        while chunk := f.read(chunk_chars):
-            docs = (pending + chunk).split(DOC_SEPARATOR)
-            pending = docs.pop()  # may continue in the next chunk
-            yield from (doc.strip("\n") for doc in docs if doc.strip())
-    if pending.strip():
-        yield pending.strip("\n")
-
-
 def build_shards(files: list[Path], tokenizer: Tokenizer, out_dir: Path, shard_tokens: int, prefix: str = "shard",
-                 num_workers: int = 1, batch_chars: int = 1 << 25) -> list[Path]:
+                 num_workers: int = 1, batch_chars: int = 1 << 25, data: str | None = None) -> list[Path]:
     """Stream `files` (in order) into `out_dir/{prefix}_00000.bin`, … of at most `shard_tokens` tokens each.
 
     Documents are never split, so a document longer than `shard_tokens` gets a shard of its own. Memory holds
@@ -108,7 +97,7 @@ def build_shards(files: list[Path], tokenizer: Tokenizer, out_dir: Path, shard_t
     def flush() -> None:
         nonlocal held_ids, held_docs, held_files, held_tokens
         path = out_dir / f"{prefix}_{len(paths):05d}.bin"
-        write_shard(path, *_shard_array(held_ids, held_docs, tokenizer, held_files))
+        write_shard(path, *_shard_array(held_ids, held_docs, tokenizer, held_files, data))
         paths.append(path)
         held_ids, held_docs, held_files, held_tokens = [], [], [], 0
 
@@ -126,7 +115,7 @@ def build_shards(files: list[Path], tokenizer: Tokenizer, out_dir: Path, shard_t
     for path in files:
         batch: list[str] = []
         n_chars = 0
-        for doc in iter_documents(path):
+        for doc in iter_text_documents(path):
             batch.append(doc)
             n_chars += len(doc)
             if n_chars >= batch_chars:

@@ -22,6 +22,7 @@ from scratchllm.data.batches import LMWindows, sequential_windows
 from scratchllm.data.chat_batches import chat_token_stream
 from scratchllm.data.jsonl import read_conversations, read_tasks
 from scratchllm.data.shards import ShardError, ShardSet, build_shard, build_shards, load_shard
+from scratchllm.data.sources import data_fingerprint, split_files
 from scratchllm.eval.chat_eval import task_pass_at_1
 from scratchllm.eval.metrics import copy_accuracy, evaluate_lm, token_byte_lengths
 from scratchllm.model.gpt import GPT
@@ -86,41 +87,47 @@ class PretrainStage:
 
 
 def shard_for(split_dir: Path, tokenizer: Tokenizer, cache_dir: Path):
-    """Build (or reuse, if made with this tokenizer) the shard for one split."""
+    """Build (or reuse, if made with this tokenizer from these very files) the shard for one split.
+
+    `split_dir` is a folder of .txt/.jsonl/.parquet files or, failing that, one file `<split_dir>.<suffix>`.
+    The cache is keyed on the files' bytes too: new data under the same names rebuilds it."""
+    files = split_files(split_dir)
+    data = data_fingerprint(files)
     path = cache_dir / f"{split_dir.name}.bin"
     if path.exists():
         try:
-            return load_shard(path, tokenizer)[0]
+            tokens, header = load_shard(path, tokenizer)
+            if header.get("data") == data:
+                return tokens
+            print(f"[pretrain] rebuilding {path}: the data files changed since it was built")
         except ShardError as err:
             print(f"[pretrain] rebuilding stale shard: {err}")
-    files = sorted(split_dir.glob("*.txt"))
-    if not files:
-        raise FileNotFoundError(f"no .txt files in {split_dir}; build the corpus with scripts/build_corpus.py")
-    build_shard(files, tokenizer, path, num_workers=2)
+    build_shard(files, tokenizer, path, num_workers=2, data=data)
     return load_shard(path, tokenizer)[0]
 
 
 def shard_set_for(split_dir: Path, tokenizer: Tokenizer, cache_dir: Path, shard_tokens: int) -> ShardSet:
-    """Build (or reuse) the shards of one split, at most `shard_tokens` tokens each, streamed from the text files.
+    """Build (or reuse) the shards of one split, at most `shard_tokens` tokens each, streamed from the data files.
 
-    `manifest.json`, written last, marks a finished build: a build that was killed halfway is redone."""
+    `manifest.json`, written last, marks a finished build: a build that was killed halfway is redone. It records
+    the tokenizer and the data fingerprint, so other data or another tokenizer rebuilds the shards."""
+    files = split_files(split_dir)
+    data = data_fingerprint(files)
     out = cache_dir / f"{split_dir.name}-{shard_tokens}"
     manifest = out / "manifest.json"
     if manifest.exists():
         try:
             listed = json.loads(manifest.read_text())
-            if listed.get("tokenizer") == tokenizer.fingerprint():
+            if listed.get("tokenizer") == tokenizer.fingerprint() and listed.get("data") == data:
                 return ShardSet([out / name for name in listed["shards"]], tokenizer)
+            print(f"[pretrain] rebuilding {out}: built from other data files or another tokenizer")
         except (ShardError, OSError, ValueError) as err:
             print(f"[pretrain] rebuilding stale shards: {err}")
-    files = sorted(split_dir.glob("*.txt"))
-    if not files:
-        raise FileNotFoundError(f"no .txt files in {split_dir}; build the corpus with scripts/build_corpus.py")
     # subtle: stale shards are overwritten, never deleted first, so torchrun ranks building the same directory at
     # once only ever replace a file by identical bytes; shards past the manifest's list are ignored
-    paths = build_shards(files, tokenizer, out, shard_tokens, prefix=split_dir.name, num_workers=2)
+    paths = build_shards(files, tokenizer, out, shard_tokens, prefix=split_dir.name, num_workers=2, data=data)
     tmp = manifest.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"tokenizer": tokenizer.fingerprint(), "shards": [p.name for p in paths]}))
+    tmp.write_text(json.dumps({"tokenizer": tokenizer.fingerprint(), "data": data, "shards": [p.name for p in paths]}))
     tmp.replace(manifest)
     return ShardSet(paths, tokenizer)
 
