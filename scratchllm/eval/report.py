@@ -42,7 +42,8 @@ COMPARISON_ROWS: list[tuple[str, str, str]] = [
     ("rm_judge_agreement_sampled", "reward model agrees with the judge", "pairs of sampled replies to one prompt "
      "that the judge scores differently, ordered the same way by the reward model: its accuracy where this policy "
      "samples; a fall after PPO means PPO moved to where the reward model is wrong (reward hacking)"),
-    ("kl_to_sft", "KL to SFT (nats/token)", "on the model's own greedy replies; 0 for SFT itself"),
+    ("kl_to_sft", "KL to SFT (nats/token)", "exact KL(this model ‖ SFT) over the whole vocabulary at each token of "
+     "the model's own greedy replies, averaged over tokens: never negative; 0 for SFT itself"),
 ]
 # "reference": what a policy that never reads the question scores (eval/compare.py), beside the stages.
 STAGE_COLUMNS = ["pretrain", "sft", "dpo", "ppo", "grpo", "reference"]

@@ -43,6 +43,17 @@ def response_token_logprobs(
     return token_logprobs(logits, ids[:, 1:]), response_mask[:, 1:].bool()
 
 
+def response_token_kl(model: nn.Module, reference: nn.Module, ids: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t)) = Σ_v π(v) (log π(v) − log π_ref(v)) at every response position,
+    (B, T-1), with the aligned mask (B, T-1). Summed over the whole vocabulary rather than estimated from the one
+    token in the row, so it is never negative (k1 on a single token is, whenever π_ref gave that token more
+    probability than π does: greedy replies after training make that common)."""
+    logp = torch.log_softmax(model(ids[:, :-1]).float(), dim=-1)  # (B, T-1, V)
+    ref_logp = torch.log_softmax(reference(ids[:, :-1]).float(), dim=-1)
+    kl = (logp.exp() * (logp - ref_logp)).sum(-1)
+    return kl.clamp_min(0.0), response_mask[:, 1:].bool()  # clamp: float rounding only, the sum itself is >= 0
+
+
 def sequence_logprobs(
     model: nn.Module, ids: Tensor, response_mask: Tensor, attention_mask: Tensor | None = None
 ) -> Tensor:

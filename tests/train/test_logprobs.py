@@ -8,7 +8,12 @@ import torch
 
 from scratchllm.config import model_preset
 from scratchllm.model.gpt import GPT
-from scratchllm.train.logprobs import response_token_logprobs, sequence_logprobs, token_logprobs
+from scratchllm.train.logprobs import (
+    response_token_kl,
+    response_token_logprobs,
+    sequence_logprobs,
+    token_logprobs,
+)
 
 
 def test_token_logprobs_hand_computed_and_dtype() -> None:
@@ -66,3 +71,22 @@ def test_left_padding_with_attention_mask_matches_unpadded() -> None:
         alone = sequence_logprobs(model, ids, response_mask)
         left = sequence_logprobs(model, padded, padded_response, attention_mask=attention)
     assert torch.allclose(left, alone, atol=1e-5)
+
+
+def test_response_token_kl_is_the_exact_kl_and_never_negative() -> None:
+    torch.manual_seed(0)
+    policy, reference = GPT(model_preset("tiny", vocab_size=40)), GPT(model_preset("tiny", vocab_size=40))
+    ids = torch.randint(0, 40, (3, 9))
+    mask = torch.zeros(3, 9, dtype=torch.bool)
+    mask[:, 4:] = True
+    kl, m = response_token_kl(policy, reference, ids, mask)
+    assert torch.equal(m, mask[:, 1:]) and (kl >= 0).all()
+    p = torch.log_softmax(policy(ids[:, :-1]), -1)
+    q = torch.log_softmax(reference(ids[:, :-1]), -1)
+    for b in range(3):  # one position at a time, straight from the definition
+        for t in range(8):
+            assert torch.isclose(kl[b, t], sum(p[b, t, v].exp() * (p[b, t, v] - q[b, t, v]) for v in range(40)), atol=1e-5)
+    k1 = response_token_logprobs(policy, ids, mask)[0] - response_token_logprobs(reference, ids, mask)[0]
+    assert (k1[m] < 0).any()  # the single-token estimate goes negative on these rows; the exact KL does not
+    same, _ = response_token_kl(policy, policy, ids, mask)
+    assert torch.allclose(same, torch.zeros_like(same), atol=1e-6)

@@ -31,7 +31,7 @@ from scratchllm.model.lora import maybe_inject_lora, save_final_model
 from scratchllm.tokenizer.bpe import Tokenizer
 from scratchllm.train import distributed as dist
 from scratchllm.train.checkpoint import load_model
-from scratchllm.train.logprobs import response_token_logprobs
+from scratchllm.train.logprobs import response_token_kl, response_token_logprobs
 from scratchllm.train.loop import train
 from scratchllm.train.losses import (
     cross_entropy_loss,
@@ -276,9 +276,8 @@ def score_replies(policy: nn.Module, reference: nn.Module, reward_model: ScalarM
     for rows in length_sorted_chunks(lengths.tolist(), chunk):  # as in reward_scores: cut to each chunk's longest
         width = int(lengths[rows].max())
         chunk_ids, chunk_mask = ids[rows, :width].to(device), mask[rows, :width].to(device)
-        logp, m = response_token_logprobs(policy, chunk_ids, chunk_mask)
-        ref_logp, _ = response_token_logprobs(reference, chunk_ids, chunk_mask)
-        kl_sum += float(((logp - ref_logp) * m).sum())
+        kl, m = response_token_kl(policy, reference, chunk_ids, chunk_mask)
+        kl_sum += float((kl * m).sum())
         kl_tokens += float(m.sum())
     gold = gold_scores(pairs, replies)
     return {
