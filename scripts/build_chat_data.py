@@ -27,13 +27,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a plain script from a checkout
 
-from scratchllm.data.tasks import canonical_reply, generate_unique_tasks, prompt_key  # noqa: E402
+from scratchllm.data.tasks import DRILLS, canonical_reply, generate_unique_tasks, prompt_key  # noqa: E402
 from scratchllm.train.rewards import detect_language, extract_answer, is_on_topic, parse_number  # noqa: E402
 
 SEED = 20261123
 VAL_TASKS_PER_PAIR = 20  # x 12 families x 2 languages = 480 held-out tasks (config: eval_tasks=480)
 HELDOUT_TASKS_PER_PAIR = 16  # task questions only for sft_val / prefs_val
 TRAIN_TASKS_PER_PAIR = 380  # upper bound; small families yield fewer unique questions
+DRILL_TASKS_PER_PAIR = 1_000  # copy drills for pretraining (tasks.DRILLS): never evaluated
 HELDOUT_CHAT_SHARE = 0.12
 N_SFT_TRAIN, N_SFT_VAL = 10_000, 500
 SFT_TASK_SHARE = 0.5  # share of SFT conversations whose (first) exchange is a verifiable task
@@ -422,7 +423,8 @@ def build_records() -> dict[str, list[dict[str, Any]]]:
     heldout_tasks = generate_unique_tasks(HELDOUT_TASKS_PER_PAIR, seed=SEED + 1, exclude=held | hand_train)
     held |= {prompt_key(t["prompt"]) for t in heldout_tasks}
     train_tasks = generate_unique_tasks(TRAIN_TASKS_PER_PAIR, seed=SEED + 2, exclude=held)
-    for split, tasks in (("val", val_tasks), ("heldout", heldout_tasks), ("train", train_tasks)):
+    drill_tasks = generate_unique_tasks(DRILL_TASKS_PER_PAIR, seed=SEED + 3, exclude=held, families=DRILLS)
+    for split, tasks in (("val", val_tasks), ("heldout", heldout_tasks), ("train", train_tasks), ("drill", drill_tasks)):
         for i, task in enumerate(tasks):
             task["id"] = f"{split}-{task['family']}-{task['lang']}-{i:05d}"
 
@@ -449,7 +451,7 @@ def build_records() -> dict[str, list[dict[str, Any]]]:
 
     return {
         "sft_train.jsonl": sft_train, "sft_val.jsonl": sft_val,
-        "tasks_train.jsonl": train_tasks, "tasks_val.jsonl": val_tasks,
+        "tasks_train.jsonl": train_tasks, "tasks_val.jsonl": val_tasks, "drills_train.jsonl": drill_tasks,
         "prefs_train.jsonl": prefs_train, "prefs_val.jsonl": prefs_val,
     }
 
@@ -465,7 +467,7 @@ def summary(files: dict[str, list[dict[str, Any]]]) -> str:
     """Markdown counts for corpus/README.md."""
     lines = ["| file | records | breakdown |", "|---|---:|---|"]
     for name, records in files.items():
-        if name.startswith("tasks"):
+        if name.startswith(("tasks", "drills")):
             langs = Counter(r["lang"] for r in records)
             fams = Counter(r["family"] for r in records)
             detail = f"en {langs['en']}, zh {langs['zh']}; " + ", ".join(f"{f} {n}" for f, n in sorted(fams.items()))

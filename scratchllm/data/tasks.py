@@ -261,6 +261,28 @@ FAMILIES: dict[str, Generator] = {
 }
 
 
+def _echo(rng: random.Random, lang: str) -> tuple[str, str, str]:
+    n = rng.randint(0, 20)
+    en = [f"Say {n}.", f"Repeat the number {n}.", f"Echo {n}.", f"Please say the number {n}."]
+    zh = [f"说 {n}。", f"重复这个数：{n}", f"请说出数字 {n}。", f"跟我说：{n}"]
+    return _pick(rng, lang, en, zh), str(n), "math"
+
+
+def _repeat(rng: random.Random, lang: str) -> tuple[str, str, str]:
+    pool = "0123456789" if rng.random() < 0.5 else "abcdefghijklmnopqrstuvwxyz"
+    items = rng.sample(list(pool), rng.randint(2, 4))
+    listed = ", ".join(items)
+    en = [f"Repeat after me: {listed}", f"Say this list again: {listed}", f"Copy: {listed}"]
+    zh = [f"跟我重复：{listed}", f"把这个列表再说一遍：{listed}", f"照抄：{listed}"]
+    return _pick(rng, lang, en, zh), listed, "exact"
+
+
+# Copy drills: the answer is in the question. Never evaluated (a model that copies scores on them without any
+# other skill); mixed into pretraining, they train the attention that finds a token in the prompt and copies
+# it, which every family above needs first (an answer prior is all a model without it can learn).
+DRILLS: dict[str, Generator] = {"echo": _echo, "repeat": _repeat}
+
+
 # Ways of asking, put before half the questions: families with one or two single-digit operands have only a few
 # dozen questions per template, too few to hold 20 out per language and still train on hundreds.
 FRAMINGS = {"en": ["Quick question: ", "Please answer: ", "Tell me: ", "Can you help? ", "Here is one: "],
@@ -269,11 +291,12 @@ FRAMINGS = {"en": ["Quick question: ", "Please answer: ", "Tell me: ", "Can you 
 
 def make_task(rng: random.Random, family: str, lang: str, index: int) -> Item:
     """One task record in the tasks_*.jsonl schema; `index` only names it."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown task family {family!r}; choose one of {sorted(FAMILIES)}")
+    generators = FAMILIES | DRILLS
+    if family not in generators:
+        raise ValueError(f"unknown task family {family!r}; choose one of {sorted(generators)}")
     if lang not in LANGS:
         raise ValueError(f"lang must be 'en' or 'zh', got {lang!r}")
-    question, answer, verifier = FAMILIES[family](rng, lang)
+    question, answer, verifier = generators[family](rng, lang)
     if rng.random() < 0.5:
         question = rng.choice(FRAMINGS[lang]) + question
     return {
@@ -294,7 +317,7 @@ def generate_tasks(n: int, seed: int) -> list[Item]:
 
 
 def generate_unique_tasks(n_per_pair: int, seed: int, exclude: set[str] | None = None,
-                          max_tries_per_item: int = 200) -> list[Item]:
+                          max_tries_per_item: int = 200, families: dict[str, Generator] = FAMILIES) -> list[Item]:
     """`n_per_pair` items per (family, language) with prompts unique and not in `exclude` (prompt_key),
     interleaved so any prefix is balanced. Families with a small question space may yield fewer items
     than asked; the shortfall is never filled with duplicates."""
@@ -302,7 +325,7 @@ def generate_unique_tasks(n_per_pair: int, seed: int, exclude: set[str] | None =
     seen = set(exclude or ())
     per_pair: list[list[Item]] = []
     for lang in LANGS:
-        for family in sorted(FAMILIES):
+        for family in sorted(families):
             items: list[Item] = []
             tries = 0
             while len(items) < n_per_pair and tries < n_per_pair * max_tries_per_item:

@@ -104,3 +104,14 @@ def test_gold_judge_scores_every_shipped_chosen_reply_1_and_every_rejected_reply
                 continue
             rejected = gold_score(pair["prompt"], pair["rejected"], task, not pair["rejected_truncated"], chosen)
             assert rejected < 1.0, (name, line, pair["rule"], pair["rejected"])
+
+
+def test_copy_drills_are_shipped_for_pretraining_only_and_answer_from_the_question() -> None:
+    from scratchllm.data.tasks import DRILLS, FAMILIES
+
+    drills = read_tasks(CHAT / "drills_train.jsonl")
+    assert {t["family"] for t in drills} == set(DRILLS) and not set(DRILLS) & set(FAMILIES)
+    assert not {t["family"] for t in read_tasks(CHAT / "tasks_val.jsonl")} & set(DRILLS)  # never evaluated
+    for task in drills:
+        assert task["answer"] in task["prompt"][-1]["content"]  # a copy of part of the question
+        assert score_task(canonical_reply(task["answer"], task["lang"]), task) == 1.0
