@@ -16,8 +16,28 @@ from scratchllm.train.stages.pretrain import PretrainStage
 CORPUS = Path(__file__).resolve().parents[1] / "corpus"
 
 
-def test_toy_pipeline_end_to_end_and_resumes(tmp_path: Path, capsys) -> None:
-    assert main(["--toy", "--runs-dir", str(tmp_path), "--name", "toy", "--corpus", str(CORPUS)]) == 0
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory) -> Path:
+    runs = tmp_path_factory.mktemp("runs")
+    assert main(["--toy", "--runs-dir", str(runs), "--name", "toy", "--corpus", str(CORPUS)]) == 0
+    return runs
+
+
+def test_toy_pipeline_twice_gives_the_same_comparison_and_weights(toy_run: Path, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    torch.manual_seed(123)  # whatever ran before must not matter: every stage seeds itself
+    assert main(["--toy", "--runs-dir", str(tmp_path), "--name", "again", "--corpus", str(CORPUS)]) == 0
+    first, second = (json.loads((root / "comparison.json").read_text()) for root in (toy_run / "toy", tmp_path / "again"))
+    assert first == second
+    for stage in ("pretrain", "sft", "grpo"):
+        a, b = (load_file(str(root / stage / "final" / "model.safetensors")) for root in (toy_run / "toy", tmp_path / "again"))
+        assert all(torch.equal(a[k], b[k]) for k in a), stage
+
+
+def test_toy_pipeline_end_to_end_and_resumes(toy_run: Path, capsys) -> None:
+    tmp_path = toy_run
     root = tmp_path / "toy"
     for stage in ("pretrain", "sft", "dpo", "ppo", "grpo"):
         assert (root / stage / "final" / "model.safetensors").exists(), stage
@@ -50,13 +70,13 @@ def test_toy_pipeline_end_to_end_and_resumes(tmp_path: Path, capsys) -> None:
     families = {k.split("/")[1] for k in comparison["grpo"] if k.startswith("pass_at_1/")}
     assert families and all(f"| {family} |" in report for family in families)  # the per-family table
     assert (root / "pretrain_curves.png").exists() and (root / "sft_curves.png").exists()
+    assert "scratchllm chat --checkpoint" in report
     speed = json.loads((root / "speed.json").read_text())
     assert speed["reference_step_s"] > 0
     assert "## Cost" in report and f"One reference step took {speed['reference_step_s']:.3f} s" in report
     for stage in ("pretrain", "sft", "reward", "dpo", "ppo", "grpo", "report"):
         assert re.search(rf"\| {stage} \| [\d—]+ \| [\d.]+ \| \d+ \|", report), stage
     assert re.search(r"Evaluation and overhead: \d+% of the run's time", report)
-    assert "scratchllm chat --checkpoint" in capsys.readouterr().out
     # A second invocation skips every finished stage.
     assert main(["--toy", "--runs-dir", str(tmp_path), "--name", "toy", "--corpus", str(CORPUS), "--skip-report"]) == 0
     out = capsys.readouterr().out
