@@ -30,13 +30,26 @@ def pad_right(rows: list[list[int]], value: int) -> Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
-def render_sft(tok: Tokenizer, conversations: list[dict[str, Any]], max_len: int) -> list[tuple[list[int], list[bool]]]:
+def render_sft_counted(tok: Tokenizer, conversations: list[dict[str, Any]],
+                       max_len: int) -> tuple[list[tuple[list[int], list[bool]]], int]:
+    """(ids, loss mask) per conversation cut to `max_len`, and how many were dropped because the cut left no
+    assistant token to train (the reply started past `max_len`)."""
     out = []
     for conv in conversations:
         ids, mask = render_conversation(tok, conv["messages"], max_len=max_len)
         if any(mask[1:]):  # something left to train after truncation
             out.append((ids, mask))
-    return out
+    return out, len(conversations) - len(out)
+
+
+def render_sft(tok: Tokenizer, conversations: list[dict[str, Any]], max_len: int,
+               label: str | None = None) -> list[tuple[list[int], list[bool]]]:
+    """render_sft_counted's rows; with a `label`, a drop is printed rather than silent (issue 31)."""
+    rows, n_dropped = render_sft_counted(tok, conversations, max_len)
+    if label is not None and n_dropped:
+        print(f"[{label}] dropped {n_dropped:,} of {len(conversations):,} conversations: no assistant token is left "
+              f"within max_len={max_len} tokens (raise --sft.max_len to keep them)")
+    return rows
 
 
 def chat_token_stream(tok: Tokenizer, conversations: list[dict[str, Any]], seed: int) -> np.ndarray:

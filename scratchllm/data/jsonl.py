@@ -1,9 +1,15 @@
-"""Read and validate JSONL data (conversations, preference pairs, verifiable tasks) before any compute starts.
+"""Read and validate JSONL or Parquet data (conversations, preference pairs, verifiable tasks) before any compute.
 
 Every record is checked when the file is read, so a bad line fails in a second rather than an hour into
 training. A malformed line raises DataFormatError naming `file:line` (1-based), the field and the fix.
 Nothing is dropped silently: with `skip_bad_lines=True` bad lines are counted, reported on stderr with
 their first error, and the count is returned beside the records.
+
+A path ending in .jsonl is read as Parquet when only `<stem>.parquet` exists (data/sources.py reads both), so
+every stage's `sft_train.jsonl` & co. can be Parquet files. Records in the Hugging Face / TRL shapes are
+completed before checking: a string `prompt` becomes one user message; a `chosen`/`rejected` given as a single
+assistant message becomes its text; a pair without `rule` gets "unlabelled"; a `prompt`/`answer` task without
+`id`, `family`, `lang`, `verifier` gets `<file>:<row>`, "custom", zh/en by its characters, math/exact by its answer.
 
 Schemas (corpus/README.md, "Post-training data"):
   conversations  {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
@@ -15,11 +21,12 @@ Schemas (corpus/README.md, "Post-training data"):
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, overload
+
+from scratchllm.data.sources import DataFormatError, iter_rows
 
 ROLES = ("system", "user", "assistant")
 VERIFIER_NAMES = ("math", "exact")  # must equal train/rewards.VERIFIERS (a test checks it)
@@ -27,10 +34,62 @@ LANGS = ("en", "zh")
 
 Record = dict[str, Any]
 Check = Callable[[Record], "str | None"]
+Normalize = Callable[[Record, str], Record]
+RECORD_SUFFIXES = (".jsonl", ".parquet")
 
 
-class DataFormatError(ValueError):
-    """A data record is malformed; the message names file:line, the field and the fix."""
+def _user_prompt(prompt: Any) -> Any:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
+def _has_han(text: str) -> bool:
+    return any("\u4e00" <= ch <= "\u9fff" for ch in text)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.replace(",", ""))
+    except ValueError:
+        return False
+    return True
+
+
+def normalize_preference(record: Record, where: str) -> Record:
+    """TRL's shapes -> ours: prompt string -> [user message]; reply [{assistant message}] -> its text."""
+    record = {**record, "prompt": _user_prompt(record.get("prompt"))} if "prompt" in record else dict(record)
+    for side in ("chosen", "rejected"):
+        reply = record.get(side)
+        if isinstance(reply, list) and len(reply) == 1 and isinstance(reply[0], dict) and reply[0].get("role") == "assistant":
+            record[side] = reply[0].get("content")
+    record.setdefault("rule", "unlabelled")  # the reward stage reports accuracy per rule
+    return record
+
+
+def normalize_task(record: Record, where: str) -> Record:
+    """`{"prompt", "answer"}` -> a full task record; fields already given are kept as they are."""
+    record = {**record, "prompt": _user_prompt(record.get("prompt"))} if "prompt" in record else dict(record)
+    if isinstance(record.get("answer"), (int, float)) and not isinstance(record["answer"], bool):
+        record["answer"] = str(record["answer"])  # Parquet/JSON numbers: the verifiers compare text
+    record.setdefault("id", where)
+    record.setdefault("family", "custom")
+    prompt = record["prompt"] if isinstance(record.get("prompt"), list) else []
+    text = " ".join(m.get("content") or "" for m in prompt if isinstance(m, dict))
+    record.setdefault("lang", "zh" if _has_han(text) else "en")
+    answer = record.get("answer")
+    record.setdefault("verifier", "math" if isinstance(answer, str) and _is_number(answer) else "exact")
+    return record
+
+
+def resolve_record_file(path: str | Path) -> Path:
+    """`path` if it exists, else the one file with the same stem and the other record suffix (x.jsonl -> x.parquet)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    others = [path.with_suffix(s) for s in RECORD_SUFFIXES if path.with_suffix(s) != path and path.with_suffix(s).is_file()]
+    if len(others) == 1:
+        return others[0]
+    raise DataFormatError(f"{path}: file not found (nor {path.stem}.parquet); rebuild the bundled data with "
+                          "`python scripts/build_chat_data.py` or point --data-dir at your own files")
 
 
 def _check_messages(messages: Any, field: str, last_role: str | None = None) -> str | None:
@@ -111,40 +170,28 @@ def check_preference(record: Record) -> str | None:
     return None
 
 
-def read_jsonl(path: str | Path, check: Check, skip_bad_lines: bool = False) -> tuple[list[Record], int]:
-    """(records, number of bad lines skipped). Raises DataFormatError on the first bad line unless skipping."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataFormatError(f"{path}: file not found; rebuild it with `python scripts/build_chat_data.py`")
+def read_jsonl(path: str | Path, check: Check, skip_bad_lines: bool = False,
+               normalize: Normalize | None = None) -> tuple[list[Record], int]:
+    """(records, number of bad rows skipped) of a .jsonl or .parquet file. Raises DataFormatError on the first bad
+    row (naming file:row) unless skipping; `normalize(record, "file:row")` completes a record before its check."""
+    path = resolve_record_file(path)
     records: list[Record] = []
     bad: list[str] = []
-    with path.open("rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            problem: str | None = None
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                problem = f"not valid UTF-8 (byte {err.start}); save the file as UTF-8"
-            else:
-                if not line.strip():
-                    continue  # blank lines (e.g. a trailing newline) carry no record
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    problem = f"invalid JSON ({err.msg} at column {err.colno}); each line must be one JSON object"
-                else:
-                    problem = check(record) if isinstance(record, dict) else (
-                        f"each line must be a JSON object, got a {type(record).__name__}")
-            if problem:
-                if not skip_bad_lines:
-                    raise DataFormatError(f"{path}:{line_no}: {problem}")
-                bad.append(f"{path}:{line_no}: {problem}")
-                continue
-            records.append(record)
+    for row, record, problem in iter_rows(path):
+        if problem is None:
+            if normalize is not None:
+                record = normalize(record, f"{path.name}:{row}")
+            problem = check(record)
+        if problem:
+            if not skip_bad_lines:
+                raise DataFormatError(f"{path}:{row}: {problem}")
+            bad.append(f"{path}:{row}: {problem}")
+            continue
+        records.append(record)
     if bad:
-        print(f"warning: {path}: skipped {len(bad)} malformed line(s); first: {bad[0]}", file=sys.stderr)
+        print(f"warning: {path}: skipped {len(bad)} malformed record(s); first: {bad[0]}", file=sys.stderr)
     if not records:
-        raise DataFormatError(f"{path}: no valid records; the file is empty or every line is malformed")
+        raise DataFormatError(f"{path}: no valid records; the file is empty or every record is malformed")
     return records, len(bad)
 
 
@@ -164,7 +211,7 @@ def read_preferences(path: str | Path, skip_bad_lines: Literal[False] = False) -
 def read_preferences(path: str | Path, skip_bad_lines: Literal[True]) -> tuple[list[Record], int]: ...
 def read_preferences(path: str | Path, skip_bad_lines: bool = False) -> list[Record] | tuple[list[Record], int]:
     """Preference pairs; with skip_bad_lines=True returns (records, n_skipped)."""
-    records, n_bad = read_jsonl(path, check_preference, skip_bad_lines)
+    records, n_bad = read_jsonl(path, check_preference, skip_bad_lines, normalize_preference)
     return (records, n_bad) if skip_bad_lines else records
 
 
@@ -174,5 +221,5 @@ def read_tasks(path: str | Path, skip_bad_lines: Literal[False] = False) -> list
 def read_tasks(path: str | Path, skip_bad_lines: Literal[True]) -> tuple[list[Record], int]: ...
 def read_tasks(path: str | Path, skip_bad_lines: bool = False) -> list[Record] | tuple[list[Record], int]:
     """Verifiable tasks; with skip_bad_lines=True returns (records, n_skipped)."""
-    records, n_bad = read_jsonl(path, check_task, skip_bad_lines)
+    records, n_bad = read_jsonl(path, check_task, skip_bad_lines, normalize_task)
     return (records, n_bad) if skip_bad_lines else records
