@@ -120,7 +120,7 @@ class DataConfig:
     # (rendered with their canonical reply) or conversations; "" = plain text only. A small model that first meets
     # the task questions in SFT has too few steps left to learn to read them (docs/results.md).
     chat_data: str = ""
-    chat_rows: int = 4  # rows of every batch drawn from chat_data (the rest is text), when chat_data is set
+    chat_rows: int = 12  # rows of every batch (of 16 by default) drawn from chat_data, the rest text, when it is set
     eval_tasks: str = ""  # JSONL of held-out tasks: pretraining's evaluation then also reports greedy task pass@1
 
     def __post_init__(self) -> None:

@@ -133,7 +133,7 @@ def _stage_overrides(args: argparse.Namespace, stage: str, routed: dict[str, lis
     overrides = [f"--loop.device={args.device}"]
     if stage == "pretrain" and not args.toy:  # chat-format data from the first step (config.DataConfig.chat_data)
         chat = args.corpus / "chat"
-        overrides += [f"--data.chat_data={chat / 'tasks_train.jsonl'},{chat / 'sft_train.jsonl'}",
+        overrides += [f"--data.chat_data={chat / 'tasks_train.jsonl'}",
                       f"--data.eval_tasks={chat / 'tasks_val.jsonl'}"]
     if stage == "sft":
         overrides.append(f"--sft.pretrain_data={args.corpus / 'pretrain'}")
