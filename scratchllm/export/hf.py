@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from scratchllm.model.gpt import GPT
 from scratchllm.tokenizer.bpe import Tokenizer
+from scratchllm.tokenizer.chat import reply_stop_ids
 from scratchllm.tokenizer.hf import save_hf_tokenizer_json
 
 CHAT_TEMPLATE = (
@@ -81,7 +82,9 @@ def export_hf(model: GPT, tok: Tokenizer, out: Path) -> Path:
         state.pop("lm_head.weight")
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(llama_config(model, tok), indent=2))
-    generation = {"eos_token_id": [tok.im_end_id, tok.eos_id], "pad_token_id": tok.pad_id, "do_sample": False}
+    # Every id our own generation stops a reply on (<|im_start|> included: a model that opens a new turn has
+    # finished), so `generate` on the export stops where `scratchllm generate` does.
+    generation = {"eos_token_id": sorted(reply_stop_ids(tok)), "pad_token_id": tok.pad_id, "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     save_hf_tokenizer_json(tok, out / "tokenizer.json")
     tokenizer_config = {

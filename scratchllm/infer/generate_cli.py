@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from scratchllm.infer.engine import generate
+from scratchllm.infer.reply_text import StopMatcher
 from scratchllm.infer.sampling import SamplingParams
 from scratchllm.tokenizer.bpe import StreamDecoder
 from scratchllm.tokenizer.chat import reply_stop_ids
@@ -23,7 +24,9 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--min-p", type=float, default=0.0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.1)
+    parser.add_argument("--repetition-penalty", type=float, default=None,
+                        help="CTRL penalty on tokens already generated (default: 1.1 when sampling, off at "
+                             "--temperature 0, so greedy is plain argmax, as in transformers)")
     parser.add_argument("--presence-penalty", type=float, default=0.0)
     parser.add_argument("--frequency-penalty", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=None, help="same seed, same text")
@@ -31,31 +34,37 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
 
 
+SAMPLING_REPETITION_PENALTY = 1.1  # a small model sampled without it loops (docs/troubleshooting.md)
+
+
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    penalty = args.repetition_penalty
+    if penalty is None:  # only an explicit --repetition-penalty changes greedy decoding
+        penalty = 1.0 if args.temperature == 0 else SAMPLING_REPETITION_PENALTY
     return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                          repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                          repetition_penalty=penalty, presence_penalty=args.presence_penalty,
                           frequency_penalty=args.frequency_penalty)
 
 
 def stream_text(model, tok, prompt_ids: list[int], args: argparse.Namespace, out=sys.stdout) -> str:
-    """Generate, print as it comes, stop at the end tokens or a stop string; returns the text."""
-    decoder = StreamDecoder(tok)
+    """Generate, print as it comes, stop at the end tokens or a stop string; returns the text.
+
+    Text that could be the start of a stop string is held back until it cannot (infer/reply_text.py), so no part
+    of a stop string is ever printed."""
+    decoder, matcher = StreamDecoder(tok), StopMatcher(args.stop)
     text = ""
     stop_ids = reply_stop_ids(tok)
     for step in generate(model, [prompt_ids], args.max_new_tokens, sampling_from_args(args), stop_ids, args.seed, tok.pad_id):
         token = int(step.tokens[0])
         if token in stop_ids:
             break
-        piece = decoder.push(token)
-        text += piece
-        hit = next((s for s in args.stop if s in text), None)
-        if hit:
-            piece = piece[: len(piece) - (len(text) - text.index(hit))] if text.index(hit) < len(text) else piece
-            out.write(piece)
-            return text[: text.index(hit)]
+        piece, stopped = matcher.push(decoder.push(token))
         out.write(piece)
         out.flush()
-    tail = decoder.flush()
+        text += piece
+        if stopped:
+            return text
+    tail = matcher.push(decoder.flush())[0] + matcher.flush()
     out.write(tail)
     return text + tail
 

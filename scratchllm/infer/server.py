@@ -1,9 +1,10 @@
 """`scratchllm serve`: an OpenAI-compatible HTTP API (chat and text completions, SSE streaming) and a chat page.
 
-Requests are validated by pydantic (4xx with a reason), queued (bounded: 503 when full) and decoded
-together by one engine thread: each wave takes up to `max_batch` waiting requests and runs them as one
-batch over the KV cache (dynamic batching). Every row samples from its own seeded generator, so a
-request's text does not depend on its neighbours.
+Requests are validated by pydantic (4xx with a reason, always in OpenAI's `{"error": {...}}` envelope), tokenized
+off the event loop, queued (bounded: 429 with Retry-After when full) and decoded by one engine thread with
+continuous batching (infer/continuous.py): a request joins the running batch at the next step and leaves as soon
+as it ends. Every row samples from its own seeded generator, so a request's text does not depend on its
+neighbours. Text reaches the client through infer/reply_text.py, which holds back possible stop strings.
 """
 
 from __future__ import annotations
@@ -11,28 +12,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import queue
 import secrets
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from scratchllm.infer.engine import generate
+from scratchllm.infer.continuous import ContinuousEngine, TokenLogprob
+from scratchllm.infer.continuous import Request as EngineRequest
+from scratchllm.infer.reply_text import ReplyText, TokenEntry
 from scratchllm.infer.sampling import SamplingParams
 from scratchllm.model.gpt import GPT
-from scratchllm.tokenizer.bpe import StreamDecoder, Tokenizer
+from scratchllm.tokenizer.bpe import Tokenizer
 from scratchllm.tokenizer.chat import ChatFormatError, render_for_completion, reply_stop_ids
 
 STATIC = Path(__file__).parent / "static"
+DEFAULT_MAX_TOKENS = 128  # OpenAI's default is "up to the context"; a bounded default keeps a shared server fair
+RETRY_AFTER_S = 1  # a full queue drains by whole replies; a second is a short, honest wait for a tiny model
 
 
 class ChatMessage(BaseModel):
@@ -40,157 +43,155 @@ class ChatMessage(BaseModel):
     content: str
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
 class SamplingFields(BaseModel):
     model: str
-    max_tokens: int = Field(default=128, ge=1, le=4096)
+    max_tokens: int | None = Field(default=None, ge=1, le=4096)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(default=None)
     n: int = Field(default=1, ge=1, le=8)
     stream: bool = False
+    stream_options: StreamOptions | None = None
 
 
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)  # the newer name of max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 class CompletionRequest(SamplingFields):
     prompt: str
+    logprobs: int | None = Field(default=None, ge=0, le=5)  # the legacy API: how many alternatives per token
 
 
-@dataclass
-class Job:
-    prompt_ids: list[int]
-    max_new_tokens: int
-    params: SamplingParams
-    seed: int | None
-    stop: list[str]
-    tokens: asyncio.Queue = field(default_factory=asyncio.Queue)  # ("text", str) … then ("done", reason)
+@dataclass(eq=False)
+class Job(EngineRequest):
+    """One choice of one request: the engine thread pushes ids, this turns them into events on the request's
+    asyncio queue: (index, "text", text, entries), (index, "done", reason, n_tokens), (index, "error", message)."""
+
+    index: int = 0
+    events: asyncio.Queue | None = None
     loop: asyncio.AbstractEventLoop | None = None
-    cancelled: bool = False
+    reply: ReplyText | None = None
+    stopped: bool = False
+
+    def _emit(self, *event: Any) -> None:
+        assert self.loop is not None and self.events is not None
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, *event))
+
+    def on_token(self, token: int, logprob: TokenLogprob | None) -> bool:
+        assert self.reply is not None
+        text, entries, self.stopped = self.reply.push(token, logprob)
+        if text or entries:
+            self._emit("text", text, entries)
+        return self.stopped
+
+    def on_finish(self, reason: str, n_tokens: int) -> None:
+        assert self.reply is not None
+        if not self.stopped:  # after a stop string nothing more is shown
+            text, entries = self.reply.flush()
+            if text or entries:
+                self._emit("text", text, entries)
+        self._emit("done", reason, n_tokens)
+
+    def on_error(self, message: str) -> None:
+        self._emit("error", message)
 
 
-class BatchEngine:
-    """One thread decodes every request: waits for work, batches what is queued, streams pieces back."""
+def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
-    def __init__(self, model: GPT, tok: Tokenizer, max_batch: int = 8, max_queue: int = 64) -> None:
-        self.model, self.tok, self.max_batch = model, tok, max_batch
-        self.pending: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
-        self.busy_rows = 0
-        threading.Thread(target=self._run, daemon=True, name="scratchllm-engine").start()
 
-    def submit(self, job: Job) -> bool:
-        try:
-            self.pending.put_nowait(job)
-            return True
-        except queue.Full:
-            return False
+def error_response(status: int, message: str, kind: str = "invalid_request_error",
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content=error_body(message, kind), headers=headers)
 
-    def _emit(self, job: Job, kind: str, value: Any) -> None:
-        assert job.loop is not None
-        job.loop.call_soon_threadsafe(job.tokens.put_nowait, (kind, value))
 
-    def _run(self) -> None:
-        while True:
-            jobs = [self.pending.get()]
-            while len(jobs) < self.max_batch:
-                try:
-                    jobs.append(self.pending.get_nowait())
-                except queue.Empty:
-                    break
-            jobs = [j for j in jobs if not j.cancelled]
-            if jobs:
-                self.busy_rows = len(jobs)
-                try:
-                    self._wave(jobs)
-                except Exception as err:  # a failed wave answers its requests; the server stays up
-                    for job in jobs:
-                        self._emit(job, "error", f"{type(err).__name__}: {err}")
-                self.busy_rows = 0
+class Guard:
+    """ASGI middleware in front of everything: the API key on /v1/*, and the body-size limit, checked on the
+    Content-Length header before a byte of the body is read and again while a chunked body streams in.
 
-    @torch.no_grad()
-    def _wave(self, jobs: list[Job]) -> None:
-        tok = self.tok
-        decoders = [StreamDecoder(tok) for _ in jobs]
-        texts = [""] * len(jobs)
-        done = [False] * len(jobs)
-        counts = [0] * len(jobs)
-        stop_ids = reply_stop_ids(tok)
-        steps = generate(self.model, [j.prompt_ids for j in jobs], max(j.max_new_tokens for j in jobs),
-                         [j.params for j in jobs], stop_ids, [j.seed for j in jobs], tok.pad_id)
-        for step in steps:
-            for i, job in enumerate(jobs):
-                if done[i] or not bool(step.active[i]):
-                    continue
-                if job.cancelled:  # the client went away: its row stops now
-                    done[i] = True
-                    continue
-                token = int(step.tokens[i])
-                if token in stop_ids:
-                    done[i] = True
-                    self._emit(job, "done", ("stop", counts[i]))
-                    continue
-                counts[i] += 1
-                piece = decoders[i].push(token)
-                texts[i] += piece
-                hit = [s for s in job.stop if s and s in texts[i]]
-                if hit:
-                    cut = min(texts[i].index(s) for s in hit)
-                    keep = piece[: max(0, len(piece) - (len(texts[i]) - cut))]
-                    if keep:
-                        self._emit(job, "text", keep)
-                    done[i] = True
-                    self._emit(job, "done", ("stop", counts[i]))
-                    continue
-                if piece:
-                    self._emit(job, "text", piece)
-                if counts[i] >= job.max_new_tokens:
-                    done[i] = True
-                    self._emit(job, "done", ("length", counts[i]))
-            if all(done):
-                break
-        for i, job in enumerate(jobs):
-            if not done[i]:
-                tail = decoders[i].flush()
-                if tail:
-                    self._emit(job, "text", tail)
-                self._emit(job, "done", ("length", counts[i]))
+    Pure ASGI rather than FastAPI's `@app.middleware("http")`: that wrapper buffers streaming responses and hides
+    client disconnects from the endpoint."""
+
+    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int) -> None:
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.api_key and scope["path"].startswith("/v1/"):
+            if not secrets.compare_digest(headers.get("authorization", ""), f"Bearer {self.api_key}"):
+                return await error_response(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                                            "authentication_error")(scope, receive, send)
+        too_big = f"request body over the {self.max_body_bytes}-byte limit (--max-body-bytes)"
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            return await error_response(413, too_big)(scope, receive, send)
+        seen = 0
+
+        async def counted_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body_bytes:  # a chunked body has no Content-Length to check up front
+                    raise HTTPException(413, too_big)
+            return message
+
+        return await self.app(scope, counted_receive, send)
 
 
 def create_app(model: GPT, tok: Tokenizer, model_name: str = "scratchllm", api_key: str | None = None,
-               max_batch: int = 8, max_queue: int = 64):
+               max_batch: int = 32, max_queue: int = 64, max_body_bytes: int = 1_000_000, prefill_chunk: int = 128,
+               engine: Any = None) -> Guard:
+    """The ASGI app. `engine`: anything with ContinuousEngine's submit/queued/busy_rows/start (the benchmark passes
+    the old wave engine as its reference); by default a ContinuousEngine on `model`."""
     # subtle: FastAPI resolves these annotations by name at module level (this file uses postponed annotations)
-    app = FastAPI(title="scratchllm", version="0.1.0")
-    engine = BatchEngine(model.eval(), tok, max_batch, max_queue)
+    app = FastAPI(title="scratchllm", version="0.2.0")
+    if engine is None:
+        engine = ContinuousEngine(model.eval(), reply_stop_ids(tok), max_batch, max_queue, prefill_chunk)
+    engine.start()
     app.state.engine = engine
     context = model.config.max_seq_len
-
-    def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-        return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind}})
+    # A token is at most this many bytes, so a text of more than context * this many bytes cannot fit: it is
+    # refused before the (slow, pure-Python) tokenizer sees it.
+    max_token_bytes = max(len(b) for b in tok.vocab)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         details = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in exc.errors())
-        return error(400, f"invalid request: {details}")
+        return error_response(400, f"invalid request: {details}")
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        return error(exc.status_code, str(exc.detail))
+    @app.exception_handler(StarletteHTTPException)  # also FastAPI's own 404 / 405 / unparsable-body errors
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no route {request.method} {request.url.path} (see /docs)"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        elif message == "There was an error parsing the body":
+            message = "the body is not valid JSON in UTF-8"
+        kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+        return error_response(exc.status_code, message, kind, dict(exc.headers or {}))
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given, f"Bearer {api_key}"):
-                return error(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", "authentication_error")
-        return await call_next(request)
+    @app.exception_handler(Exception)
+    async def server_error(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(500, f"{type(exc).__name__}: {exc}", "server_error")
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "queued": engine.pending.qsize(), "decoding": engine.busy_rows}
+        return {"status": "ok", "queued": engine.queued, "decoding": engine.busy_rows}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -200,91 +201,161 @@ def create_app(model: GPT, tok: Tokenizer, model_name: str = "scratchllm", api_k
     async def page() -> FileResponse:
         return FileResponse(STATIC / "chat.html")
 
-    def make_jobs(req: SamplingFields, prompt_ids: list[int]) -> list[Job]:
-        if req.model != model_name:
-            raise HTTPException(404, f"unknown model {req.model!r}; this server serves {model_name!r}")
+    def check_fits(n_bytes: int) -> None:
+        if n_bytes > context * max_token_bytes:
+            raise HTTPException(400, f"prompt is at least {n_bytes // max_token_bytes} tokens; "
+                                     f"the context holds {context} tokens")
+
+    def submit(req: ChatRequest | CompletionRequest, prompt_ids: list[int], n_logprobs: int | None,
+               events: asyncio.Queue) -> list[Job]:
         if len(prompt_ids) + 1 > context:
             raise HTTPException(400, f"prompt is {len(prompt_ids)} tokens; the context holds {context} tokens")
-        max_new = min(req.max_tokens, context - len(prompt_ids))
+        asked = getattr(req, "max_completion_tokens", None) or req.max_tokens or DEFAULT_MAX_TOKENS
+        max_new = min(asked, context - len(prompt_ids))
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         params = SamplingParams(temperature=req.temperature, top_p=req.top_p, presence_penalty=req.presence_penalty,
                                 frequency_penalty=req.frequency_penalty)
         loop = asyncio.get_running_loop()
-        jobs = []
+        jobs: list[Job] = []
         for i in range(req.n):
             seed = None if req.seed is None else req.seed + i
-            job = Job(prompt_ids, max_new, params, seed, stop, loop=loop)
+            job = Job(prompt_ids, max_new, params, seed, n_logprobs, index=i, events=events, loop=loop,
+                      reply=ReplyText(tok, stop))
             if not engine.submit(job):
                 for queued in jobs:
                     queued.cancelled = True
-                raise HTTPException(503, "the request queue is full; retry shortly")
+                raise HTTPException(429, "the request queue is full; retry shortly",
+                                    headers={"Retry-After": str(RETRY_AFTER_S)})
             jobs.append(job)
         return jobs
 
-    async def collect(job: Job) -> tuple[str, str, int]:
-        text = ""
-        while True:
-            kind, value = await job.tokens.get()
-            if kind == "text":
-                text += value
-            elif kind == "error":
-                raise HTTPException(500, value)
-            else:
-                reason, count = value
-                return text, reason, count
+    def chat_logprobs(entries: list[TokenEntry]) -> dict[str, Any]:
+        def one(token: int, logprob: float) -> dict[str, Any]:
+            raw = tok.token_bytes(token)
+            return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
 
-    async def respond(req: SamplingFields, prompt_ids: list[int], request: Request, chat: bool):
-        jobs = make_jobs(req, prompt_ids)
+        return {"content": [{**one(e.token, e.logprob.logprob), "top_logprobs": [one(t, lp) for t, lp in e.logprob.top]}
+                            for e in entries if e.logprob is not None]}
+
+    def completion_logprobs(entries: list[TokenEntry], offset: int) -> dict[str, Any]:
+        def text(token: int) -> str:
+            return tok.token_bytes(token).decode("utf-8", "replace")
+
+        scored = [e for e in entries if e.logprob is not None]
+        return {"tokens": [text(e.token) for e in scored], "token_logprobs": [e.logprob.logprob for e in scored],
+                "top_logprobs": [{text(t): lp for t, lp in e.logprob.top} for e in scored],
+                "text_offset": [offset + e.start for e in scored]}
+
+    async def watch_disconnect(request: Request, jobs: list[Job]) -> None:
+        """Waits for the client to hang up (the body is already read, so the next ASGI message is the disconnect),
+        then frees its rows: the engine drops them at its next step, streaming or not."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        for job in jobs:
+            job.cancelled = True
+
+    async def respond(req: ChatRequest | CompletionRequest, prompt_ids: list[int], request: Request, chat: bool):
+        if req.model != model_name:
+            raise HTTPException(404, f"unknown model {req.model!r}; this server serves {model_name!r}")
+        if chat:
+            if req.top_logprobs is not None and not req.logprobs:
+                raise HTTPException(400, "top_logprobs needs logprobs: true")
+            n_logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        else:
+            n_logprobs = req.logprobs
+        events: asyncio.Queue = asyncio.Queue()
+        jobs = submit(req, prompt_ids, n_logprobs, events)
+        watcher = asyncio.create_task(watch_disconnect(request, jobs))
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
-        obj = "chat.completion" if chat else "text_completion"
+        counts = [0] * len(jobs)
+
+        def usage() -> dict[str, int]:
+            return {"prompt_tokens": len(prompt_ids), "completion_tokens": sum(counts),
+                    "total_tokens": len(prompt_ids) + sum(counts)}
+
         if not req.stream:
-            results = await asyncio.gather(*(collect(j) for j in jobs))
+            texts, entries, reasons = [""] * len(jobs), [[] for _ in jobs], [""] * len(jobs)
+            try:
+                for _ in range(len(jobs)):
+                    while True:
+                        i, kind, *value = await events.get()
+                        if kind == "text":
+                            texts[i] += value[0]
+                            entries[i] += value[1]
+                        elif kind == "error":
+                            raise HTTPException(500, value[0])
+                        else:
+                            reasons[i], counts[i] = value
+                            break
+            finally:
+                watcher.cancel()
+                for job in jobs:  # an error in one choice frees the others
+                    job.cancelled = True
             choices = []
-            for i, (text, reason, _) in enumerate(results):
-                body = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
-                choices.append({"index": i, **body, "finish_reason": reason, "logprobs": None})
-            completion = sum(c for _, _, c in results)
-            return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": choices,
-                    "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion,
-                              "total_tokens": len(prompt_ids) + completion}}
+            for i in range(len(jobs)):
+                body = {"message": {"role": "assistant", "content": texts[i]}} if chat else {"text": texts[i]}
+                logprobs = None if n_logprobs is None else (
+                    chat_logprobs(entries[i]) if chat else completion_logprobs(entries[i], 0))
+                choices.append({"index": i, **body, "finish_reason": reasons[i], "logprobs": logprobs})
+            return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                    "model": model_name, "choices": choices, "usage": usage()}
 
-        async def events():
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def stream():
             chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+            offsets = [0] * len(jobs)
 
-            def chunk(i: int, delta: dict | str, reason: str | None) -> str:
-                body = {"delta": delta} if chat else {"text": delta}
-                payload = {"id": rid, "object": chunk_obj, "created": created, "model": model_name,
-                           "choices": [{"index": i, **body, "finish_reason": reason, "logprobs": None}]}
+            def chunk(choices: list[dict[str, Any]], with_usage: bool = False) -> str:
+                payload = {"id": rid, "object": chunk_obj, "created": created, "model": model_name, "choices": choices}
+                if include_usage:  # OpenAI: every chunk has "usage": null, then one last chunk carries it
+                    payload["usage"] = usage() if with_usage else None
                 return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
+            def choice(i: int, text: str | None, reason: str | None, entries: list[TokenEntry]) -> dict[str, Any]:
+                if chat:
+                    body = {"delta": {} if text is None else {"content": text}}
+                else:
+                    body = {"text": text or ""}
+                logprobs = None
+                if n_logprobs is not None and entries:
+                    logprobs = chat_logprobs(entries) if chat else completion_logprobs(entries, offsets[i])
+                return {"index": i, **body, "finish_reason": reason, "logprobs": logprobs}
+
             try:
-                for i, job in enumerate(jobs):
-                    if chat:
-                        yield chunk(i, {"role": "assistant", "content": ""}, None)
-                    while True:
-                        if await request.is_disconnected():
-                            raise asyncio.CancelledError
-                        kind, value = await job.tokens.get()
-                        if kind == "text":
-                            yield chunk(i, {"content": value} if chat else value, None)
-                        elif kind == "error":
-                            yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
-                            break
-                        else:
-                            yield chunk(i, {} if chat else "", value[0])
-                            break
+                if chat:
+                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                                  "logprobs": None} for i in range(len(jobs))])
+                open_jobs = len(jobs)
+                while open_jobs:
+                    i, kind, *value = await events.get()
+                    if kind == "text":
+                        yield chunk([choice(i, value[0], None, value[1])])
+                        offsets[i] += len(value[0])
+                    elif kind == "error":
+                        yield f"data: {json.dumps(error_body(value[0], 'server_error'))}\n\n"
+                        break
+                    else:
+                        counts[i] = value[1]
+                        yield chunk([choice(i, None, value[0], [])])
+                        open_jobs -= 1
+                if include_usage:
+                    yield chunk([], with_usage=True)
                 yield "data: [DONE]\n\n"
             finally:
-                for job in jobs:  # a client that disconnects frees its rows at once
+                watcher.cancel()
+                for job in jobs:  # a client that disconnects (or an error) frees its rows at the next step
                     job.cancelled = True
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(stream(), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
-        try:
-            prompt = render_for_completion(tok, [m.model_dump() for m in req.messages])
+        messages = [m.model_dump() for m in req.messages]
+        check_fits(sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in messages))
+        try:  # the tokenizer is pure Python: in a worker thread, the event loop keeps serving the live streams
+            prompt = await asyncio.to_thread(render_for_completion, tok, messages)
         except ChatFormatError as err:
             raise HTTPException(400, str(err)) from None
         return await respond(req, prompt, request, chat=True)
@@ -293,9 +364,10 @@ def create_app(model: GPT, tok: Tokenizer, model_name: str = "scratchllm", api_k
     async def completions(req: CompletionRequest, request: Request):
         if not req.prompt:
             raise HTTPException(400, "prompt must not be empty")
-        return await respond(req, tok.encode(req.prompt), request, chat=False)
+        check_fits(len(req.prompt.encode("utf-8", "surrogatepass")))
+        return await respond(req, await asyncio.to_thread(tok.encode, req.prompt), request, chat=False)
 
-    return app
+    return Guard(app, api_key, max_body_bytes)
 
 
 def main(argv: list[str]) -> int:
@@ -307,14 +379,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     parser.add_argument("--model-name", default="scratchllm")
-    parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together per wave")
-    parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
+    parser.add_argument("--max-batch", type=int, default=32, help="rows decoded together (KV cache slots)")
+    parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    parser.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger request bodies get 413")
+    parser.add_argument("--prefill-chunk", type=int, default=128,
+                        help="most prompt tokens prefilled per step, so running streams keep moving")
     parser.add_argument("--device", default="cpu")
     add_inference_args(parser)
     args = parser.parse_args(argv)
     import uvicorn
 
     model, tok = load_for_inference(args.checkpoint, args.device, args.quantize, args.lora)
-    app = create_app(model, tok, args.model_name, args.api_key, args.max_batch, args.max_queue)
+    app = create_app(model, tok, args.model_name, args.api_key, args.max_batch, args.max_queue, args.max_body_bytes,
+                     args.prefill_chunk)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -33,13 +33,13 @@ SAMPLING = {"temperature": 0.8, "top_p": 0.9, "seed": 7}
 PACE_S = 0.01
 
 
-class PacedGPT(GPT):
+def paced_gpt(config) -> GPT:
     """A tiny model that takes PACE_S per forward, like a real-size one: the tiny model alone decodes a whole
-    reply in a few milliseconds, and the browser could then read every chunk in one go, proving nothing."""
-
-    def forward(self, *args, **kwargs):
-        time.sleep(PACE_S)
-        return super().forward(*args, **kwargs)
+    reply in a few milliseconds, and the browser could then read every chunk in one go, proving nothing. A hook,
+    not a forward override, so the server runs it on its real (slot-cache) path."""
+    model = GPT(config)
+    model.embed_tokens.register_forward_pre_hook(lambda *_: time.sleep(PACE_S))
+    return model
 
 
 def _serve(app) -> str:
@@ -63,11 +63,12 @@ class RecordChatRequests:
     """ASGI wrapper that keeps the JSON body of every /v1/chat/completions request: what the page really sent."""
 
     def __init__(self, app) -> None:
-        self.app, self.bodies = app, []
+        self.app, self.bodies, self.authorizations = app, [], []
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
             return await self.app(scope, receive, send)
+        self.authorizations.append(dict(scope["headers"]).get(b"authorization", b"").decode())
         chunks: list[bytes] = []
 
         async def recording_receive():
@@ -85,8 +86,17 @@ class RecordChatRequests:
 def server() -> tuple[str, RecordChatRequests]:
     tok = Tokenizer.train(["hello world, the answer is 42. 你好世界 user assistant\n" * 30], 256 + 80 + 4, progress=False)
     torch.manual_seed(0)
-    model = PacedGPT(model_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=512)).eval()
+    model = paced_gpt(model_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=512)).eval()
     app = RecordChatRequests(create_app(model, tok, "tiny", max_batch=8, max_queue=64))
+    return _serve(app), app
+
+
+@pytest.fixture(scope="module")
+def keyed_server() -> tuple[str, RecordChatRequests]:
+    tok = Tokenizer.train(["hello world, the answer is 42. 你好世界 user assistant\n" * 30], 256 + 80 + 4, progress=False)
+    torch.manual_seed(0)
+    model = paced_gpt(model_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=512)).eval()
+    app = RecordChatRequests(create_app(model, tok, "tiny", api_key="sekret"))
     return _serve(app), app
 
 
@@ -224,3 +234,25 @@ def test_reset_during_a_streamed_reply_drops_it_and_frees_the_slot(server, brows
     again = _say(browser, "hello")[-1].removeprefix("bot: ")
     assert recorder.bodies[-1]["messages"] == [_user("hello")]
     assert again == _api_reply(base, recorder.bodies[-1])
+
+
+def test_page_with_api_key_asks_for_it_then_works_and_keeps_it_in_the_browser(keyed_server, browser) -> None:
+    """The old page read `models.data[0]` from a 401 answer: "Cannot read properties of undefined"."""
+    base, recorder = keyed_server
+    _open(browser, base)
+    browser.execute_script("localStorage.removeItem('scratchllm_api_key');")
+    _set(browser, "api_key", "")
+    _say(browser, "hello")
+    error = browser.find_elements("css selector", "#log .assistant")[-1].text
+    assert "[error]" in error and "API key" in error and "undefined" not in error
+
+    browser.find_element("id", "reset").click()
+    _set(browser, "api_key", "sekret")
+    reply = _say(browser, "hello")[-1].removeprefix("bot: ")
+    assert recorder.authorizations[-1] == "Bearer sekret"
+    r = httpx.post(f"{base}/v1/chat/completions", timeout=60, headers={"Authorization": "Bearer sekret"},
+                   json={**recorder.bodies[-1], "stream": False})
+    assert reply == r.json()["choices"][0]["message"]["content"] and len(reply) > 0
+    assert browser.execute_script("return localStorage.getItem('scratchllm_api_key');") == "sekret"
+    browser.get(base + "/")  # a reload finds the key in this browser
+    assert browser.find_element("id", "api_key").get_attribute("value") == "sekret"
