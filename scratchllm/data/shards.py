@@ -19,9 +19,14 @@ from typing import Any
 
 import numpy as np
 
-# DOC_SEPARATOR, iter_documents, split_documents moved to sources.py; imported here too for existing callers
-from scratchllm.data.sources import DOC_SEPARATOR, iter_documents, iter_text_documents, split_documents  # noqa: F401
+from scratchllm.data import sources
+from scratchllm.data.sources import iter_text_documents
 from scratchllm.tokenizer.bpe import Tokenizer
+
+# The .txt reading moved to data/sources.py (one reader per file format); these names stay for existing callers.
+DOC_SEPARATOR = sources.DOC_SEPARATOR
+split_documents = sources.split_documents
+iter_documents = sources.iter_documents
 
 MAGIC = "scratchllm-shard"
 VERSION = 1

@@ -158,3 +158,19 @@ def iter_text_documents(path: Path) -> Iterator[str]:
         yield record["text"].strip("\n")
     if empty:
         print(f"warning: {path}: skipped {len(empty)} empty 'text' row(s), first at row {empty[0]}", file=sys.stderr)
+
+
+def text_prefix(path: Path, n_bytes: int) -> str:
+    """About the first `n_bytes` bytes of a file's documents (0 = all), joined by DOC_SEPARATOR: the sample a
+    tokenizer trains on, for .jsonl / .parquet as for .txt (whose raw prefix it is)."""
+    path = Path(path)
+    if path.suffix == ".txt":
+        data = path.read_bytes()
+        return (data[:n_bytes] if n_bytes > 0 else data).decode("utf-8", errors="ignore")
+    docs, size = [], 0
+    for doc in iter_text_documents(path):
+        docs.append(doc)
+        size += len(doc.encode()) + len(DOC_SEPARATOR)
+        if 0 < n_bytes <= size:
+            break
+    return DOC_SEPARATOR.join(docs)

@@ -13,7 +13,7 @@ import pytest
 from scratchllm.data.chat_batches import render_sft, render_sft_counted
 from scratchllm.data.jsonl import DataFormatError, read_conversations, read_preferences, read_tasks
 from scratchllm.data.shards import build_shard, build_shards, load_shard
-from scratchllm.data.sources import data_fingerprint, iter_text_documents, split_files
+from scratchllm.data.sources import data_fingerprint, iter_text_documents, split_files, text_prefix
 from scratchllm.tokenizer.bpe import Tokenizer
 from scratchllm.train.stages.pretrain import shard_for, shard_set_for
 
@@ -206,3 +206,10 @@ def test_sft_truncation_drop_is_counted_and_printed(tok: Tokenizer, capsys) -> N
     assert (len(rows), dropped) == (1, 2)
     assert render_sft(tok, [long_prompt, short, long_prompt], 40, label="sft train") == rows
     assert "[sft train] dropped 2 of 3 conversations" in capsys.readouterr().out
+
+
+def test_text_prefix_samples_documents_of_any_format(tmp_path: Path) -> None:
+    txt = write_txt(tmp_path / "s.txt", DOCS)
+    parquet = write_parquet(tmp_path / "s.parquet", [{"text": d} for d in DOCS])
+    assert text_prefix(parquet, 0) == "\n\n\n".join(DOCS) == text_prefix(txt, 0).rstrip("\n")
+    assert text_prefix(parquet, 10) == DOCS[0]  # whole documents, stopping once n_bytes are reached

@@ -1,0 +1,138 @@
+"""GGUF export time, and decode speed at batch 1: our engine against llama.cpp on the same weights.
+
+    python benchmarks/bench_gguf.py [--preset mini] [--new-tokens 256] [--threads 1]
+
+A random-init model of the preset (vocab 4096, the pipeline's tokenizer size) is exported to F32, F16 and Q8_0
+GGUF files; each export is timed. Then each engine decodes greedily from the same 16-token prompt, batch 1, with
+a KV cache: ours (infer/engine.py generate_batch, float32) and llama.cpp (llama-cpp-python) on each file. Every
+engine runs in a fresh process, so one library's OpenMP threads never spin beside the other's (tests/export/
+test_gguf.py measured that at 80x). Q8_0 runs without llama.cpp's AMX/repack buffers, which segfault on this
+machine kind (see test_gguf.open_llama). Prints one markdown table row per engine; also prints whether the F32
+file's greedy tokens equal ours. On a shared machine the wall-clock rate depends on the neighbours; the CPU-time
+rate (tokens per second of this process's CPU time, time.process_time) does much less, and with one thread it is
+what an idle core would give.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VOCAB = 4096
+PROMPT = list(range(300, 316))
+
+
+def build(preset: str, root: Path) -> Path:
+    """A random model of `preset` + a small trained tokenizer, saved as a model directory (seeded)."""
+    import torch
+
+    from scratchllm.config import model_preset
+    from scratchllm.model.gpt import GPT
+    from scratchllm.tokenizer.bpe import Tokenizer
+    from scratchllm.train.checkpoint import save_model
+
+    corpus = Path(__file__).resolve().parents[1] / "corpus" / "pretrain" / "val" / "shakespeare.txt"
+    tok = Tokenizer.train([corpus.read_text(encoding="utf-8")[:100_000]], 256 + 500 + 4, progress=False)
+    torch.manual_seed(0)
+    model = GPT(model_preset(preset, vocab_size=VOCAB)).eval()  # embedding rows past the tokenizer: UNUSED tokens
+    return save_model(root / "final", model, tok, {})
+
+
+def decode_ours(checkpoint: Path, new_tokens: int, threads: int, repeats: int) -> tuple[float, float, list[int]]:
+    import torch
+
+    from scratchllm.infer.engine import generate_batch
+    from scratchllm.infer.sampling import SamplingParams
+    from scratchllm.train.checkpoint import load_model
+
+    torch.set_num_threads(threads)
+    model, _, _ = load_model(checkpoint)
+    model.eval()
+    times, cpu_times, ids = [], [], []
+    for _ in range(repeats):
+        started, cpu_started = time.perf_counter(), time.process_time()
+        out, _ = generate_batch(model, [PROMPT], new_tokens, SamplingParams(temperature=0))
+        times.append(time.perf_counter() - started)
+        cpu_times.append(time.process_time() - cpu_started)
+        ids = out[0]
+    return new_tokens / statistics.median(times), new_tokens / statistics.median(cpu_times), ids
+
+
+def decode_llama(path: Path, dtype: str, new_tokens: int, threads: int, repeats: int) -> tuple[float, float, list[int]]:
+    import llama_cpp
+
+    if dtype == "q8_0":  # AMX/repack buffers segfault here for Q8_0 (see the module docstring)
+        default_params = llama_cpp.llama_model_default_params
+
+        def without_extra_buffers():
+            params = default_params()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama.llama_cpp.llama_model_default_params = without_extra_buffers
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(PROMPT) + new_tokens + 8, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    times, cpu_times, ids = [], [], []
+    for _ in range(repeats):
+        llm.reset()
+        started, cpu_started = time.perf_counter(), time.process_time()
+        ids = []
+        for token in llm.generate(PROMPT, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
+            ids.append(token)
+            if len(ids) == new_tokens:
+                break
+        times.append(time.perf_counter() - started)
+        cpu_times.append(time.process_time() - cpu_started)
+    return new_tokens / statistics.median(times), new_tokens / statistics.median(cpu_times), ids
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="mini")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--engine", default=None, help=argparse.SUPPRESS)  # internal: one engine per process
+    parser.add_argument("--path", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.engine:  # child process: decode and print JSON
+        decode = decode_ours if args.engine == "ours" else decode_llama
+        extra = () if args.engine == "ours" else (args.engine,)
+        speed, cpu_speed, ids = decode(args.path, *extra, args.new_tokens, args.threads, args.repeats)
+        print(json.dumps({"tokens_per_s": speed, "tokens_per_cpu_s": cpu_speed, "ids": ids}))
+        return
+
+    from scratchllm.export.gguf import export_gguf
+    from scratchllm.train.checkpoint import load_model
+
+    root = Path(tempfile.mkdtemp(prefix="bench_gguf_"))
+    checkpoint = build(args.preset, root)
+    model, tok, _ = load_model(checkpoint)
+    print(f"preset {args.preset}: {model.num_params():,} parameters, vocab {VOCAB}; batch 1, prompt {len(PROMPT)} "
+          f"tokens, {args.new_tokens} new tokens greedy, {args.threads} thread(s), median of {args.repeats}\n")
+    print("| file | export s | size MB |\n|---|---:|---:|")
+    files = {}
+    for dtype in ("f32", "f16", "q8_0"):
+        started = time.perf_counter()
+        files[dtype] = export_gguf(model, tok, root / f"model-{dtype}.gguf", dtype)
+        print(f"| {dtype} | {time.perf_counter() - started:.2f} | {files[dtype].stat().st_size / 1e6:.1f} |")
+    print("\n| engine | tok/s (wall) | tok/s (CPU time) | greedy tokens equal ours |\n|---|---:|---:|---|")
+    runs = {"ours (float32)": ("ours", checkpoint), **{f"llama.cpp {d}": (d, files[d]) for d in files}}
+    reference = None
+    for label, (engine, path) in runs.items():
+        cmd = [sys.executable, __file__, "--engine", engine, "--path", str(path), "--new-tokens", str(args.new_tokens),
+               "--threads", str(args.threads), "--repeats", str(args.repeats)]
+        result = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+        reference = reference or result["ids"]
+        same = "reference" if engine == "ours" else str(result["ids"] == reference)
+        print(f"| {label} | {result['tokens_per_s']:.0f} | {result['tokens_per_cpu_s']:.0f} | {same} |")
+
+
+if __name__ == "__main__":
+    main()
