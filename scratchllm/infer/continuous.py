@@ -71,6 +71,10 @@ class _Row:
     n_generated: int = 0
     generated: list[int] = field(default_factory=list)  # for the full-recompute path only
 
+    def __post_init__(self) -> None:
+        self.settings = astuple(self.request.params)  # rows with equal settings are processed in one call
+        self.greedy = self.request.params.temperature == 0
+
 
 class SlotCache:
     """K/V for `n_slots` rows, (L, S, K, T, D); a row's positions 0..length-1 live in its slot."""
@@ -278,6 +282,8 @@ class ContinuousEngine:
 
     def _prefill(self) -> None:
         """Up to `prefill_chunk` prompt tokens of the prefilling rows (in slot order) in one right-padded forward."""
+        if len(self.slots) == self.n_running:
+            return
         chunks: list[tuple[_Row, int]] = []
         budget = self.prefill_chunk
         for row in sorted(self.slots[self.n_running :], key=lambda r: r.order):
@@ -348,8 +354,8 @@ class ContinuousEngine:
         index = torch.tensor(slots, device=self.device)
         counts = self.counts[index]
         groups: dict[tuple, list[int]] = {}
-        for i, row in enumerate(rows):  # rows with the same settings are processed in one call
-            groups.setdefault(astuple(row.request.params), []).append(i)
+        for i, row in enumerate(rows):
+            groups.setdefault(row.settings, []).append(i)
         if len(groups) == 1:
             processed = process_logits(logits, counts, rows[0].request.params)
         else:
@@ -357,10 +363,20 @@ class ContinuousEngine:
             for members in groups.values():
                 at = torch.tensor(members, device=self.device)
                 processed[at] = process_logits(logits[at], counts[at], rows[members[0]].request.params)
-        steps = torch.tensor([row.n_generated for row in rows], device=self.device)
-        drawn = sample_from_uniforms(processed, self.uniforms[index, steps])
-        greedy = torch.tensor([row.request.params.temperature == 0 for row in rows], device=self.device)
-        chosen = torch.where(greedy, processed.argmax(-1), drawn)
+        # Greedy rows take the argmax and sampled rows their inverse-CDF draw, each computed only where needed:
+        # the float64 CDF over the vocabulary costs more than the rest of a small model's step.
+        sampled = [i for i, row in enumerate(rows) if not row.greedy]
+        if not sampled:
+            chosen = processed.argmax(-1)
+        else:
+            steps = torch.tensor([rows[i].n_generated for i in sampled], device=self.device)
+            at = torch.tensor(sampled, device=self.device)
+            drawn = sample_from_uniforms(processed[at], self.uniforms[index[at], steps])
+            if len(sampled) == len(rows):
+                chosen = drawn
+            else:
+                chosen = processed.argmax(-1)
+                chosen[at] = drawn
         self.counts[index, chosen] += 1
         tokens = chosen.tolist()
         logprobs: list[TokenLogprob | None] = [None] * len(rows)
