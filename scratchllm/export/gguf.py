@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -146,3 +147,25 @@ def export_gguf(model: GPT, tok: Tokenizer, out: Path, dtype: str = "f32", name:
     os.replace(tmp, out)
     return out
 
+
+
+def open_in_llama_cpp(path: Path, extra_buffers: bool = True, **kwargs: Any) -> Any:
+    """`llama_cpp.Llama(path, **kwargs)`; extra_buffers=False turns off llama.cpp's CPU weight repacking and AMX
+    buffers (llama-cli --no-repack), whose AMX Q8_0 matmul (ggml_backend_amx_mul_mat) segfaults on this project's
+    machine kind. llama-cpp-python has no argument for it, so its model-parameter defaults are patched meanwhile."""
+    import llama_cpp  # optional: only the GGUF checks and benchmark need llama.cpp itself
+
+    if extra_buffers:
+        return llama_cpp.Llama(model_path=str(path), **kwargs)
+    default_params = llama_cpp.llama_model_default_params
+
+    def without_extra_buffers() -> Any:
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama.llama_cpp.llama_model_default_params = without_extra_buffers
+    try:
+        return llama_cpp.Llama(model_path=str(path), **kwargs)
+    finally:
+        llama_cpp.llama.llama_cpp.llama_model_default_params = default_params

@@ -18,7 +18,7 @@ import pytest
 import torch
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from scratchllm.export.gguf import export_gguf, permute_for_llama_rope
+from scratchllm.export.gguf import export_gguf, open_in_llama_cpp, permute_for_llama_rope
 from scratchllm.export.hf import CHAT_TEMPLATE
 from scratchllm.export.hf import main as export_main
 from scratchllm.infer.engine import generate_batch
@@ -32,26 +32,11 @@ LOGIT_TOLERANCE = {"f16": 0.02, "q8_0": 0.25}
 
 
 def open_llama(path: Path, dtype: str) -> llama_cpp.Llama:
-    """llama.cpp on the file, as a user would open it, except that Q8_0 skips the CPU's "extra buffer types".
-
-    subtle: on an AMX-capable CPU llama.cpp routes Q8_0 matmuls to ggml_backend_amx_mul_mat, which segfaults on
-    this machine kind (gdb backtrace; llama.cpp's own quantizer's Q8_0 file crashes the same way), so that path is
-    turned off for Q8_0 only. llama-cli's equivalent is --no-repack (docs/use-elsewhere.md).
-    """
-    if dtype != "q8_0":
-        return llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=1)
-    default_params = llama_cpp.llama_model_default_params
-
-    def without_extra_buffers():
-        params = default_params()
-        params.use_extra_bufts = False
-        return params
-
-    llama_cpp.llama.llama_cpp.llama_model_default_params = without_extra_buffers
-    try:
-        return llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=1)
-    finally:
-        llama_cpp.llama.llama_cpp.llama_model_default_params = default_params
+    """llama.cpp on the file, as a user would open it, except that Q8_0 skips the CPU's "extra buffer types": on
+    an AMX-capable CPU llama.cpp routes Q8_0 matmuls to ggml_backend_amx_mul_mat, which segfaults on this machine
+    kind (gdb backtrace; llama.cpp's own quantizer's Q8_0 file crashes the same way)."""
+    return open_in_llama_cpp(path, extra_buffers=dtype != "q8_0", n_ctx=256, logits_all=True, verbose=False,
+                             n_threads=1)
 
 
 @pytest.fixture(scope="module")
