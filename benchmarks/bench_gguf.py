@@ -101,6 +101,25 @@ def logit_error(llm, reference_ids: list[int], ours_logits_path: Path) -> float:
     return float(np.abs(np.array(llm.scores[: len(ours)]) - ours).max())
 
 
+def tokenizer_agreement(gguf_path: Path, tok, max_docs: int = 300) -> None:
+    """Per file of corpus/pretrain/val: documents llama.cpp tokenizes differently from us, and token counts.
+
+    GGUF cannot carry our pre-tokenizer regex; llama.cpp uses its built-in "qwen2" one (export/gguf.py)."""
+    from scratchllm.data.sources import iter_documents
+    from scratchllm.export.gguf import open_in_llama_cpp
+
+    llm = open_in_llama_cpp(gguf_path, vocab_only=True, verbose=False)
+    print("\n| val file | documents | tokenized differently | tokens ours | tokens llama.cpp |\n|---|---:|---:|---:|---:|")
+    for path in sorted((Path(__file__).resolve().parents[1] / "corpus" / "pretrain" / "val").glob("*.txt")):
+        docs = list(iter_documents(path))[:max_docs]
+        ours = [tok.encode(d) for d in docs]
+        theirs = [llm.tokenize(d.encode(), add_bos=False, special=False) for d in docs]
+        differ = sum(a != b for a, b in zip(ours, theirs))
+        undecodable = [i for i, ids in enumerate(theirs) if llm.detokenize(ids).decode("utf-8", "replace") != docs[i]]
+        assert not undecodable, f"{path.name}: llama.cpp's tokens of documents {undecodable[:5]} do not decode back"
+        print(f"| {path.name} | {len(docs)} | {differ} | {sum(map(len, ours)):,} | {sum(map(len, theirs)):,} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="mini")
@@ -152,6 +171,7 @@ def main() -> None:
             same = str(result["ids"] == json.loads((root / "ours_ids.json").read_text()))
             error = f"{result['logit_error']:.2g}"
         print(f"| {label} | {result['tokens_per_s']:.0f} | {result['tokens_per_cpu_s']:.0f} | {same} | {error} |")
+    tokenizer_agreement(files["f32"], tok)
 
 
 if __name__ == "__main__":
