@@ -73,15 +73,21 @@ def split_files(split: Path, suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> list[
 
 
 def data_fingerprint(paths: Iterable[Path]) -> str:
-    """Hash of the data files' names and bytes, in the given order (folders expand to their data files).
+    """Hash of data files' names and bytes, in the given order; a folder stands for every .txt/.jsonl/.parquet
+    file below it (recursively, by relative path), so `data_fingerprint([Path("corpus")])` covers a whole corpus.
 
     Reading every byte costs about a second per GB; it is what tells a cache built from other data (same file
     names, new content) from the current one, which size and modification time cannot promise.
     """
     digest = hashlib.sha256()
-    for path in paths:
-        for file in data_files(path) if Path(path).is_dir() else [Path(path)]:
-            digest.update(file.name.encode() + b"\0")
+    for path in map(Path, paths):
+        if path.is_dir():
+            named = sorted((f.relative_to(path).as_posix(), f) for f in path.rglob("*")
+                           if f.is_file() and f.suffix in TEXT_SUFFIXES)
+        else:
+            named = [(path.name, path)]
+        for name, file in named:
+            digest.update(name.encode() + b"\0")
             with file.open("rb") as f:
                 while block := f.read(1 << 20):
                     digest.update(block)

@@ -141,6 +141,10 @@ def test_fingerprint_follows_content_not_names_order_or_times(tmp_path: Path) ->
     assert data_fingerprint([a]) == before == data_fingerprint([tmp_path])
     write_txt(a, DOCS[:-1])
     assert data_fingerprint([a]) != before
+    corpus = data_fingerprint([tmp_path])
+    (tmp_path / "chat").mkdir()
+    write_jsonl(tmp_path / "chat" / "sft_train.jsonl", [{"messages": []}])
+    assert data_fingerprint([tmp_path]) != corpus  # a folder covers the files below it, as a pipeline's corpus
 
 
 # ---- post-training records -----------------------------------------------------------------------------------
