@@ -142,3 +142,17 @@ def test_export_command_writes_gguf_and_model_card(tiny_model, tmp_path: Path) -
     assert {t.tensor_type.name for t in reader.tensors} == {"Q8_0", "F32"}  # norms stay F32
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"{model.num_params():,}" in card and "model-q8_0.gguf" in card
+
+
+@pytest.mark.parametrize("overrides", [{"tie_embeddings": False}, {"n_kv_heads": 4}, {"n_kv_heads": 1}])
+def test_untied_and_other_head_layouts_give_our_logits(tmp_path: Path, overrides: dict) -> None:
+    from tests.export.conftest import trained_tiny
+
+    model, tok = trained_tiny(steps=10, **overrides)
+    path = export_gguf(model, tok, tmp_path / "m.gguf", "f32")
+    ids = tok.encode(" ".join(PROMPTS))
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0].numpy()
+    assert np.abs(llama_logits(open_llama(path, "f32"), ids) - ours).max() < 1e-3
+    names = {t.name for t in gguf.GGUFReader(path).tensors}
+    assert ("output.weight" in names) == (not model.config.tie_embeddings)
