@@ -27,7 +27,7 @@ from scratchllm.train.losses import bradley_terry_loss
 from scratchllm.train.stages.runner import base_sections, finish, resolve_sections, stage_main
 
 # 80 s (~85 steps on 2 cores): at ~42 steps the model ranked 65% of off-topic pairs and PPO exploited the rest.
-DEFAULT_LOOP = LoopConfig(max_steps=100, batch_size=32, eval_every=0, checkpoint_every=50)
+DEFAULT_LOOP = LoopConfig(max_steps=40, batch_size=32, eval_every=0, checkpoint_every=20)
 DEFAULT_OPTIM = OptimConfig(lr=3e-4, warmup_steps=10, weight_decay=0.0, min_lr_ratio=0.1)
 
 

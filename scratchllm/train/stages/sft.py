@@ -32,7 +32,7 @@ from scratchllm.train.losses import cross_entropy_loss
 from scratchllm.train.stages.pretrain import shard_for
 from scratchllm.train.stages.runner import base_sections, finish, resolve_sections, stage_main
 
-DEFAULT_LOOP = LoopConfig(max_steps=150, batch_size=32, eval_every=0, eval_batches=8, checkpoint_every=50)
+DEFAULT_LOOP = LoopConfig(max_steps=100, batch_size=32, eval_every=0, eval_batches=8, checkpoint_every=50)
 DEFAULT_OPTIM = OptimConfig(lr=1e-3, warmup_steps=20, weight_decay=0.0, min_lr_ratio=0.1)
 
 
