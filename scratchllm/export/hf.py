@@ -119,6 +119,8 @@ def main(argv: list[str]) -> int:
                         help="LoRA adapter trained on --checkpoint (ours, e.g. runs/x/sft/final_adapter, or PEFT's): "
                              "hf writes it as a PEFT adapter in OUT/adapter; gguf merges it into the weights")
     args = parser.parse_args(argv)
+    if args.format == "hf" and args.dtype != "f32":
+        parser.error(f"--dtype={args.dtype} applies to --format gguf; the hf format keeps the checkpoint's float32")
     model, tok, _ = load_model(args.checkpoint)
     if args.format == "gguf":
         from scratchllm.export.gguf import export_gguf
