@@ -250,6 +250,11 @@ async def closed_loop(base: str, n_clients: int) -> dict:
     return {"tok_s": tokens / wall, "tokens": tokens, "wall": wall}
 
 
+async def closed_loop_warmup(base: str) -> None:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(1800)) as http:
+        await asyncio.gather(*(stream_one(http, base, PROMPTS[i], 16, i) for i in range(4)))
+
+
 async def big_body_during_streams(base: str) -> dict:
     async with httpx.AsyncClient(timeout=httpx.Timeout(1800)) as http:
         streams = [asyncio.create_task(stream_one(http, base, PROMPTS[i], 64, i)) for i in range(8)]
@@ -288,8 +293,8 @@ def main() -> None:
         try:
             for name in results:
                 servers[name] = start_server(args, name, checkpoint, Path(tmp))
-            for _, base in servers.values():
-                asyncio.run(short_during_long(base))  # warm-up: first-call allocations, lazy imports
+            for _, base in servers.values():  # warm-up: first-call allocations, lazy imports
+                asyncio.run(closed_loop_warmup(base))
             scenarios = [("short_during_long", lambda b: short_during_long(b)),
                          ("poisson", lambda b: poisson(b, args.requests, args.rate)),
                          ("closed_loop", lambda b: closed_loop(b, args.clients))]
