@@ -202,7 +202,10 @@ def main(argv: list[str]) -> int:
     root.mkdir(parents=True, exist_ok=True)
     chat_dir = args.corpus / "chat"
     summaries: dict[str, dict[str, Any]] = {}
-    upstream_key = _hash_inputs(preset, args.vocab_size, args.toy)
+    from scratchllm.data.sources import data_fingerprint
+
+    # the data's bytes are an input too: a run made from other files under the same names is never "done"
+    upstream_key = _hash_inputs(preset, args.vocab_size, args.toy, data_fingerprint([args.corpus]))
     speed = measure_speed(root, args)
     step_s = speed["reference_step_s"]
     pending = [s for s in STAGES if s in selected and (args.fresh or not (root / s / "DONE.json").exists())]

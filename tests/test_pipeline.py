@@ -142,3 +142,19 @@ def test_reference_step_is_measured_without_touching_the_callers_random_state() 
     torch.manual_seed(5)
     seconds = measure_reference_step(steps=1)
     assert seconds > 0 and torch.equal(torch.rand(3), expected)
+
+
+def test_changed_data_under_the_same_names_makes_finished_stages_stale(tmp_path: Path, capsys) -> None:
+    corpus = tmp_path / "corpus"
+    for split in ("train", "val"):
+        (corpus / "pretrain" / split).mkdir(parents=True)
+        text = (CORPUS / "pretrain" / split / "shakespeare.txt").read_text(encoding="utf-8")[:20_000]
+        (corpus / "pretrain" / split / "text.txt").write_text(text, encoding="utf-8")
+    argv = ["--toy", "--runs-dir", str(tmp_path), "--name", "toy", "--corpus", str(corpus), "--only", "tokenizer"]
+    assert main(argv) == 0
+    assert main(argv) == 0
+    assert "tokenizer: already done" in capsys.readouterr().out
+    path = corpus / "pretrain" / "train" / "text.txt"
+    path.write_text(path.read_text(encoding="utf-8").replace("the", "thy"), encoding="utf-8")  # same name, new bytes
+    assert main(argv) == 0
+    assert "already done" not in capsys.readouterr().out

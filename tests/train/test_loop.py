@@ -105,23 +105,30 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path: Path) -> None:
         train(_model(), stage, OPTIM, dataclasses.replace(LOOP, max_steps=20, max_bad_steps=3), tmp_path / "b")
 
 
+class Interrupt(Exception):
+    """Stands for a crash: raised inside a step, after the checkpoint of the step before."""
+
+
+class StopAfter(ToyLM):
+    """ToyLM that crashes once its data position passes `after` steps."""
+
+    def __init__(self, batch_size: int, after: int) -> None:
+        super().__init__(batch_size)
+        self.after = after
+
+    def loss(self, model, batch):
+        if self.windows.position > self.after:
+            raise Interrupt
+        return super().loss(model, batch)
+
+
 def test_resume_is_bitwise_identical(tmp_path: Path) -> None:
     loop = dataclasses.replace(LOOP, max_steps=20, checkpoint_every=10)
     straight = _model()
     train(straight, ToyLM(8), OPTIM, loop, tmp_path / "straight")
-
-    class Interrupt(Exception):
-        pass
-
-    class StopAfter10(ToyLM):
-        def loss(self, model, batch):
-            if self.windows.position > 10:
-                raise Interrupt
-            return super().loss(model, batch)
-
     interrupted = _model()
     with pytest.raises(Interrupt):
-        train(interrupted, StopAfter10(8), OPTIM, loop, tmp_path / "resumed")
+        train(interrupted, StopAfter(8, after=10), OPTIM, loop, tmp_path / "resumed")
     assert latest_checkpoint(tmp_path / "resumed" / "checkpoints").name == "step_000010"
     resumed = _model(seed=123)  # different init: everything must come from the checkpoint
     train(resumed, ToyLM(8), OPTIM, loop, tmp_path / "resumed", resume=True)

@@ -13,7 +13,7 @@ from torch import nn
 from scratchllm.config import ConfigError, OptimConfig
 from scratchllm.train.loop import train
 from scratchllm.train.optim import MuonAdamW, build_optimizer, newton_schulz_orthogonalize
-from tests.train.test_loop import LOOP, OPTIM, ToyLM, _model
+from tests.train.test_loop import LOOP, OPTIM, Interrupt, StopAfter, ToyLM, _model
 
 
 @pytest.mark.parametrize("shape", [(8, 32), (32, 8), (16, 16)])
@@ -67,17 +67,8 @@ def test_muon_in_the_loop_learns_and_resumes_bit_for_bit(tmp_path: Path) -> None
     metrics = train(straight, ToyLM(8), optim, loop, tmp_path / "straight")
     first = [r for r in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines() if '"eval"' in r][0]
     assert metrics["val_loss"] < float(first.split('"val_loss": ')[1].split("}")[0].split(",")[0]) - 0.5
-    class Interrupt(Exception):
-        pass
-
-    class StopAfter6(ToyLM):
-        def loss(self, model, batch):
-            if self.windows.position > 6:
-                raise Interrupt
-            return super().loss(model, batch)
-
     with pytest.raises(Interrupt):
-        train(_model(), StopAfter6(8), optim, loop, tmp_path / "resumed")
+        train(_model(), StopAfter(8, after=6), optim, loop, tmp_path / "resumed")
     resumed = _model(seed=123)  # everything, Muon's momentum included, must come from the checkpoint
     train(resumed, ToyLM(8), optim, loop, tmp_path / "resumed", resume=True)
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):

@@ -43,9 +43,9 @@ class SFTStage:
     def __init__(self, tok: Tokenizer, train_convs: list, val_convs: list, val_tasks: list, cfg: SFTConfig, loop: LoopConfig,
                  text_tokens: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.tok, self.cfg, self.loop = tok, cfg, loop
-        self.stream = EpochStream(render_sft(tok, train_convs, cfg.max_len), loop.batch_size, loop.seed)
+        self.stream = EpochStream(render_sft(tok, train_convs, cfg.max_len, label="sft train"), loop.batch_size, loop.seed)
         # Shortest first: batches of similar length pad little (val_loss is a mean over tokens, order-free).
-        self.val_examples = sorted(render_sft(tok, val_convs, cfg.max_len), key=lambda e: len(e[0]))
+        self.val_examples = sorted(render_sft(tok, val_convs, cfg.max_len, label="sft val"), key=lambda e: len(e[0]))
         self.val_convs, self.val_tasks = val_convs[: cfg.eval_prompts], val_tasks
         self.text_windows = self.val_text = None
         if text_tokens is not None:  # (train, val) pretraining tokens
