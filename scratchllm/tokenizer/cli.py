@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from scratchllm.config import TokenizerConfig, save_json
@@ -31,9 +32,13 @@ def _read_prefix(path: Path, n_bytes: int) -> str:
 
 
 def train_tokenizer_from_files(
-    paths: list[Path], vocab_size: int, out: Path, bytes_per_file: int = DEFAULTS.bytes_per_file, progress: bool = True
+    paths: list[Path], vocab_size: int, out: Path, bytes_per_file: int = DEFAULTS.bytes_per_file, progress: bool = True,
+    read_prefix: Callable[[Path, int], str] | None = None,
 ) -> Tokenizer:
-    """Train (or reuse, when `out` was trained on exactly these files and settings) and save."""
+    """Train (or reuse, when `out` was trained on exactly these files and settings) and save.
+
+    `read_prefix(path, n_bytes)` gives the text to train on from each file (default: the file's raw UTF-8 prefix);
+    a caller with .jsonl / .parquet data passes a reader of their documents (data/sources.text_prefix)."""
     if not paths:
         raise TokenizerError("no training files given; pass text files or build corpus/pretrain first")
     key = data_hash(paths, vocab_size, bytes_per_file)
@@ -44,7 +49,7 @@ def train_tokenizer_from_files(
                 return existing
         except TokenizerError:
             pass  # corrupt or old: retrain below
-    texts = [_read_prefix(p, bytes_per_file) for p in paths]
+    texts = [(read_prefix or _read_prefix)(p, bytes_per_file) for p in paths]
     start = time.perf_counter()
     tok = Tokenizer.train(texts, vocab_size, progress=progress)
     tok.metadata.update(

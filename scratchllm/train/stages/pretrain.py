@@ -22,7 +22,7 @@ from scratchllm.data.batches import LMWindows, sequential_windows
 from scratchllm.data.chat_batches import chat_token_stream
 from scratchllm.data.jsonl import read_conversations, read_tasks
 from scratchllm.data.shards import ShardError, ShardSet, build_shard, build_shards, load_shard
-from scratchllm.data.sources import data_fingerprint, split_files
+from scratchllm.data.sources import data_fingerprint, split_files, text_prefix
 from scratchllm.eval.chat_eval import task_pass_at_1
 from scratchllm.eval.metrics import copy_accuracy, evaluate_lm, token_byte_lengths
 from scratchllm.model.gpt import GPT
@@ -169,7 +169,8 @@ def run(
         from scratchllm.tokenizer.cli import train_tokenizer_from_files
 
         tokenizer = Path(run_root) / "tokenizer" / "tokenizer.json"
-        train_tokenizer_from_files(sorted((data_dir / "train").glob("*.txt")), TokenizerConfig().vocab_size, tokenizer)
+        train_tokenizer_from_files(split_files(data_dir / "train"), TokenizerConfig().vocab_size, tokenizer,
+                                   read_prefix=text_prefix)  # .txt, .jsonl or .parquet alike
     tok = Tokenizer.load(tokenizer)
     sections = resolve_sections(
         base_sections(DEFAULT_LOOP, DEFAULT_OPTIM, model=model_preset(preset, vocab_size=tok.vocab_size),

@@ -46,3 +46,22 @@ def test_reward_head_initialisation_follows_the_seed(tiny_world, tmp_path: Path)
         reward.run(tmp_path / str(i), base, data, FAST + ["--loop.max_steps=1", "--loop.batch_size=2"])
         heads.append(_weights(tmp_path / str(i) / "reward"))
     assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+
+
+def test_pretrain_from_jsonl_text_alone_trains_its_own_tokenizer_on_the_documents(tmp_path: Path) -> None:
+    import json
+
+    from scratchllm.tokenizer.bpe import Tokenizer
+
+    source = (Path(__file__).resolve().parents[3] / "corpus" / "pretrain" / "train" / "shakespeare.txt")
+    text = source.read_text(encoding="utf-8")[:30_000]
+    for split, part in (("train", text[:24_000]), ("val", text[24_000:])):
+        (tmp_path / "data" / split).mkdir(parents=True)
+        docs = [p for p in part.split("\n\n") if p.strip()]
+        (tmp_path / "data" / split / "docs.jsonl").write_text(
+            "".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    pretrain.run(tmp_path / "run", preset="tiny", data_dir=tmp_path / "data", overrides=TINY)
+    tok = Tokenizer.load(tmp_path / "run" / "tokenizer" / "tokenizer.json")
+    assert tok.metadata["files"] == [str(tmp_path / "data" / "train" / "docs.jsonl")]
+    assert '{"text"' not in tok.decode(list(range(tok.vocab_size - 8)))  # merges learned from documents, not JSON
+    assert (tmp_path / "run" / "pretrain" / "final" / "model.safetensors").exists()
