@@ -21,6 +21,7 @@ from scratchllm.config import LoopConfig, OptimConfig, SFTConfig
 from scratchllm.data.batches import LMWindows, sequential_windows
 from scratchllm.data.chat_batches import EpochStream, render_sft, sft_batch
 from scratchllm.data.jsonl import read_conversations, read_tasks
+from scratchllm.data.sources import DataFormatError, split_files
 from scratchllm.data.tasks import task_conversation
 from scratchllm.eval.chat_eval import end_of_reply_rate, task_pass_at_1
 from scratchllm.eval.metrics import evaluate_lm, token_byte_lengths
@@ -99,7 +100,10 @@ class SFTStage:
 
 def pretraining_tokens(text_dir: Path, tok: Tokenizer, run_root: Path) -> tuple[np.ndarray, np.ndarray] | None:
     """(train, val) tokens of the pretraining text, reusing pretrain's shards when the tokenizer matches."""
-    if not (text_dir / "train").is_dir() or not (text_dir / "val").is_dir():
+    try:  # a split is a folder (train/) or one file (train.txt / .jsonl / .parquet), as pretraining reads it
+        for split in ("train", "val"):
+            split_files(text_dir / split)
+    except DataFormatError:
         print(f"[sft] no pretraining text under {text_dir}: no replay, no val_bpb (--sft.pretrain_data)")
         return None
     cache = run_root / "pretrain" / "shards"
