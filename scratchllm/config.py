@@ -286,8 +286,8 @@ class PPOConfig:
     ptx_batch: int = 8
     # Targets of the PPO-ptx term on task questions: "data" (the SFT set's right answers), "sampled" (replies the SFT
     # model samples at temperature 1, drawn afresh for each ptx batch) or "reference" (its greedy replies). With a
-    # model that reads the questions, sampled targets (mostly wrong answers) teach it to guess: on one SFT model,
-    # 60 steps, task pass@1 fell beyond noise for both seeds; data targets held it (docs/results.md).
+    # model that reads the questions, sampled targets are mostly wrong answers and teach it to guess; the data's
+    # right answers keep what SFT taught (measured in docs/results.md).
     ptx_targets: str = "data"
 
     def __post_init__(self) -> None:
@@ -306,8 +306,8 @@ class GRPOConfig:
     clip_eps: float = 0.2
     kl_coef: float = 0.02  # beta of the k3 KL to the reference
     max_new_tokens: int = 24  # canonical replies are ~8-15 tokens
-    # Samples at 1.0 (the policy's own distribution): from one SFT model, 50 steps at lr 5e-5, greedy pass@1 +29 -26
-    # against +29 -39 at 0.7 (docs/results.md)
+    # 1.0 samples the policy's own distribution; a sharper 0.7 rewarded the guesses the greedy answer already makes
+    # and lost more held-out tasks than it won (docs/results.md)
     temperature: float = 1.0
     # The verifiers GRPO rewards, as weights of the composite (rewards.composite_reward): correctness (each task's
     # own verifier, math or exact) and the format check. Group standardisation blows any within-group difference
