@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from scratchllm.config import ConfigError, DataConfig, LoopConfig, OptimConfig, TokenizerConfig, model_preset
 from scratchllm.data.batches import LMWindows, sequential_windows
 from scratchllm.data.chat_batches import chat_token_stream
-from scratchllm.data.jsonl import read_conversations, read_tasks
+from scratchllm.data.jsonl import read_conversations, read_tasks, resolve_record_file
 from scratchllm.data.shards import ShardError, ShardSet, build_shard, build_shards, load_shard
-from scratchllm.data.sources import data_fingerprint, split_files, text_prefix
+from scratchllm.data.sources import data_fingerprint, iter_rows, split_files, text_prefix
 from scratchllm.eval.chat_eval import task_pass_at_1
 from scratchllm.eval.metrics import copy_accuracy, evaluate_lm, token_byte_lengths
 from scratchllm.model.gpt import GPT
@@ -136,17 +136,15 @@ def shard_set_for(split_dir: Path, tokenizer: Tokenizer, cache_dir: Path, shard_
 
 
 def chat_pretraining_tokens(files: str, tok: Tokenizer, seed: int) -> np.ndarray:
-    """`--data.chat_data` (comma-separated JSONL files) as one token stream: a file whose first record has an
-    `answer` holds verifiable tasks (each becomes its question and canonical reply), any other conversations."""
+    """`--data.chat_data` (comma-separated .jsonl / .parquet files) as one token stream: a file whose first record
+    has an `answer` holds verifiable tasks (each becomes its question and canonical reply), any other conversations."""
     from scratchllm.data.tasks import task_conversation
 
     conversations: list[dict[str, Any]] = []
     for name in filter(None, (f.strip() for f in files.split(","))):
-        path = Path(name)
-        if not path.is_file():
-            raise ConfigError(f"--data.chat_data: no file {path}; give JSONL files of tasks or conversations")
-        first = next((line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()), "{}")
-        if "answer" in json.loads(first):
+        path = resolve_record_file(name)  # names the file and the fix when it is missing
+        first = next((record for _, record, _ in iter_rows(path) if record is not None), {})
+        if "answer" in first:
             conversations += [task_conversation(t) for t in read_tasks(path)]
         else:
             conversations += read_conversations(path)

@@ -55,3 +55,17 @@ def test_chat_rows_must_leave_text_rows(tiny_world) -> None:
     tok = Tokenizer.load(tiny_world[1] / "tokenizer.json")
     with pytest.raises(ConfigError, match="--data.chat_rows=6 must be below --loop.batch_size=6"):
         _stage(tok, np.arange(100, dtype=np.int64), rows=6)
+
+
+def test_chat_rows_from_parquet_equal_those_from_jsonl(tiny_world, tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data, base = tiny_world
+    tok = Tokenizer.load(base / "tokenizer.json")
+    tasks = read_tasks(data / "tasks_train.jsonl")
+    pq.write_table(pa.Table.from_pylist(tasks), tmp_path / "tasks.parquet")
+    from_jsonl = chat_pretraining_tokens(str(data / "tasks_train.jsonl"), tok, seed=3)
+    assert np.array_equal(chat_pretraining_tokens(str(tmp_path / "tasks.parquet"), tok, seed=3), from_jsonl)
+    with pytest.raises(ValueError, match="file not found"):
+        chat_pretraining_tokens(str(tmp_path / "missing.jsonl"), tok, seed=3)
