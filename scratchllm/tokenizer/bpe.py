@@ -6,7 +6,14 @@ GPT-2/4-style regex pre-tokens; encoding merges the lowest-ranked adjacent pair 
 tiktoken's rule (a test checks our ids against tiktoken's cl100k_base).
 
 Worked example: "aaabdaaabac" -> pair counts {aa:4, ab:2, ...}; merge (a,a)->256 gives "256 a b d 256 a b a c";
-then (256,a)->257 ... each merge adds one token and shortens the sequence.
+there (256,a) and (a,b) both count 2, and a tie goes to the smaller pair, (97, 98), so (a,b)->257; then
+(256,257) counts 2 -> 258. Each merge adds one token and shortens the sequence (tests/test_doctests.py runs this):
+
+>>> tok = Tokenizer.train(["aaabdaaabac"], vocab_size=256 + 3, special_tokens=[], progress=False)
+>>> tok.merges
+[(97, 97), (97, 98), (256, 257)]
+>>> tok.encode("aaabdaaabac")  # 258 = "aaab", 100 = "d", 97 = "a", 99 = "c"
+[258, 100, 258, 97, 99]
 """
 
 from __future__ import annotations
