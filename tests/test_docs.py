@@ -1,6 +1,6 @@
 """The documentation stays true to the code: links resolve, code references name real symbols, commands run.
 
-Checked files: README.md, README.zh-CN.md and docs/*.md. Conventions (also stated in docs/README.md):
+Checked files: README.md, README.zh-CN.md, docs/*.md and docs/experiments/*.md. Conventions (also stated in docs/README.md):
 
 - A code reference is a link to a .py file whose text is the repository path in backticks, followed by one or
   more backticked symbols: [`scratchllm/model/layers.py`](scratchllm/model/layers.py) `Attention.forward`, `apply_rope`.
@@ -30,7 +30,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = sorted([ROOT / "README.md", ROOT / "README.zh-CN.md", *(ROOT / "docs").glob("*.md")])
+DOCS = sorted([ROOT / "README.md", ROOT / "README.zh-CN.md", *(ROOT / "docs").glob("*.md"),
+               *(ROOT / "docs" / "experiments").glob("*.md")])
 RUN_TIMEOUT_S = 120
 
 LINK = re.compile(r"!?\[((?:[^\[\]]|\[[^\]]*\])*)\]\(([^)\s]+)\)")
