@@ -18,13 +18,13 @@ def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     """log softmax(logits)[target] per position: (B, T, V), (B, T) -> (B, T), in float32.
 
     One row at a time, so the float32 copy of the logits (and logsumexp's scratch) is (T, V), never (B, T, V):
-    with a large vocabulary that copy, not the model, is what runs out of memory.
+    with a large vocabulary that copy, not the model, is what runs out of memory. The rows come from `unbind`,
+    whose backward stacks the B row gradients once; indexing `logits[b]` instead makes every row's backward
+    write a zero-filled (B, T, V) gradient, B times over: quadratic in the batch, and most of an RL step's time.
     """
-    out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
-    for b in range(logits.shape[0]):
-        row = logits[b].float()  # (T, V)
-        out[b] = row.gather(-1, targets[b, :, None]).squeeze(-1) - torch.logsumexp(row, dim=-1)
-    return out
+    rows = [row.float().gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(row.float(), dim=-1)
+            for row, target in zip(logits.unbind(0), targets.unbind(0))]  # (T,) each; .float() is free in float32
+    return torch.stack(rows)
 
 
 def response_token_logprobs(

@@ -28,6 +28,17 @@ def test_token_logprobs_hand_computed_and_dtype() -> None:
     assert torch.allclose(token_logprobs(logits32, targets), expected, atol=1e-6)
 
 
+def test_token_logprobs_gradient_is_log_softmax_gradient() -> None:
+    # The row-by-row form must back-propagate like the one-shot log_softmax: each logit's gradient is
+    # onehot(target) - softmax, scaled by the upstream weight of its position.
+    logits = torch.randn(5, 3, 11, requires_grad=True)
+    targets = torch.randint(0, 11, (5, 3))
+    weights = torch.randn(5, 3)
+    (token_logprobs(logits, targets) * weights).sum().backward()
+    expected = (torch.nn.functional.one_hot(targets, 11) - torch.softmax(logits.detach(), -1)) * weights[..., None]
+    assert logits.grad is not None and torch.allclose(logits.grad, expected, atol=1e-6)
+
+
 def _brute_force(model: GPT, ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Score each response token from its own prefix: log softmax(model(ids[:t]))[-1][ids[t]]."""
     total = torch.zeros(ids.shape[0])
