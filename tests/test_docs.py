@@ -10,8 +10,8 @@ Checked files: README.md, README.zh-CN.md, docs/*.md and docs/experiments/*.md. 
   one per line, at toy scale: each must exit 0 within RUN_TIMEOUT_S.
 - `--section.key` config overrides name a real dataclass field; every `--flag` of a `scratchllm <command>` line
   in a bash block appears in that command's `--help`.
-- README.md and README.zh-CN.md keep the same headings, the same commands and the same numbers, and the README
-  package tree lists every tracked file of the package.
+- README.md and README.zh-CN.md keep the same headings, the same commands and the same numbers; each README's
+  folder map names every folder of the package, and the package tree of docs/layout.md lists every tracked file.
 """
 
 from __future__ import annotations
@@ -334,7 +334,7 @@ def package_files() -> list[str]:
 
 
 def tree_entries(text: str) -> tuple[list[str], list[str]]:
-    """(top-level entries, entries under scratchllm/) of the README's package tree block."""
+    """(top-level entries, entries under scratchllm/) of the first code block with a `scratchllm/` line."""
     for _, _, lines in fenced_blocks(text):
         if "scratchllm/" in [line.split(" ")[0] for line in lines]:
             top = [line.split()[0] for line in lines if line.strip() and not line.startswith(" ")]
@@ -343,11 +343,21 @@ def tree_entries(text: str) -> tuple[list[str], list[str]]:
     raise AssertionError("no package tree (a code block with a `scratchllm/` line) found")
 
 
-@pytest.mark.parametrize("readme", ["README.md", "README.zh-CN.md"])
-def test_package_tree_lists_every_file_and_nothing_else(readme: str) -> None:
-    top, inner = tree_entries((ROOT / readme).read_text(encoding="utf-8"))
+def test_layout_tree_lists_every_file_and_nothing_else() -> None:
+    top, inner = tree_entries((ROOT / "docs/layout.md").read_text(encoding="utf-8"))
     missing = [f for f in package_files() if f not in inner]
-    assert not missing, f"{readme}: add these files to the package tree with a one-line purpose: {missing}"
+    assert not missing, f"docs/layout.md: add these files to the package tree with a one-line purpose: {missing}"
     gone = [e for e in inner if not (ROOT / "scratchllm" / e).exists()]
     gone += [e for e in top if not (ROOT / e).exists()]
-    assert not gone, f"{readme}: the package tree names paths that do not exist: {gone}"
+    assert not gone, f"docs/layout.md: the package tree names paths that do not exist: {gone}"
+
+
+@pytest.mark.parametrize("readme", ["README.md", "README.zh-CN.md"])
+def test_readme_folder_map_names_every_package_folder(readme: str) -> None:
+    top, inner = tree_entries((ROOT / readme).read_text(encoding="utf-8"))
+    folders = sorted({f.split("/")[0] + "/" for f in package_files() if "/" in f})
+    missing = [f for f in folders if f not in inner]
+    assert not missing, f"{readme}: add these folders of the package to the map with a one-line purpose: {missing}"
+    gone = [e for e in inner if not (ROOT / "scratchllm" / e).exists()]
+    gone += [e for e in top if not (ROOT / e).exists()]
+    assert not gone, f"{readme}: the folder map names paths that do not exist: {gone}"
