@@ -25,17 +25,18 @@ def newton_schulz_orthogonalize(matrix: torch.Tensor, steps: int = 5) -> torch.T
     """Approximately U V^T for matrix = U S V^T (every singular value pushed to ~1), by an odd quintic iteration
     X <- aX + b(XX^T)X + c(XX^T)^2 X whose coefficients (Jordan et al. 2024) drive small singular values up fast;
     it converges to values in ~[0.7, 1.2], not exactly 1, which Muon tolerates. Works on the wide orientation
-    (rows <= columns) so X X^T is the small Gram matrix."""
+    (rows <= columns) so X X^T is the small Gram matrix. `matrix` is (rows, cols) or a stack (n, rows, cols),
+    each orthogonalised on its own: one batched matmul for n same-shaped matrices costs less than n small ones."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = matrix.float()
-    transposed = x.shape[0] > x.shape[1]
+    transposed = x.shape[-2] > x.shape[-1]
     if transposed:
-        x = x.T
-    x = x / (x.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1: inside the iteration's basin
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1: inside the basin
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x.T if transposed else x).to(matrix.dtype)
+    return (x.mT if transposed else x).to(matrix.dtype)
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -49,21 +50,28 @@ class MuonAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's signature
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if group["muon"]:
-                    self._muon_step(p, group)
-                else:
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["muon"]:
+                self._muon_step(params, group)
+            else:
+                for p in params:
                     self._adamw_step(p, group)
 
-    def _muon_step(self, p: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
-        buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
-        buf.mul_(group["momentum"]).add_(p.grad)
-        update = newton_schulz_orthogonalize(p.grad.add(buf, alpha=group["momentum"]))  # Nesterov
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(update, alpha=-group["lr"] * max(1.0, p.shape[0] / p.shape[1]) ** 0.5)
+    def _muon_step(self, params: list[torch.Tensor], group: dict) -> None:
+        updates = []
+        for p in params:
+            buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+            buf.mul_(group["momentum"]).add_(p.grad)
+            updates.append(p.grad.add(buf, alpha=group["momentum"]))  # Nesterov
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(params):
+            by_shape.setdefault(tuple(p.shape), []).append(i)
+        for shape, indices in by_shape.items():  # every layer's q (or gate, ...) orthogonalised in one batch
+            orthogonal = newton_schulz_orthogonalize(torch.stack([updates[i] for i in indices]))
+            scale = max(1.0, shape[0] / shape[1]) ** 0.5  # tall and wide matrices move alike
+            for i, update in zip(indices, orthogonal):
+                params[i].mul_(1 - group["lr"] * group["weight_decay"])
+                params[i].add_(update, alpha=-group["lr"] * scale)
 
     def _adamw_step(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]

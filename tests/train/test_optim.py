@@ -31,6 +31,16 @@ def test_newton_schulz_pushes_every_singular_value_near_one(shape: tuple[int, in
     assert (in_basis - torch.diag(singular)).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("shape", [(8, 32), (32, 8)])
+def test_newton_schulz_on_a_stack_orthogonalises_each_matrix_on_its_own(shape: tuple[int, int]) -> None:
+    # Muon's step batches same-shaped matrices: each must come out as if orthogonalised alone (the norm too is
+    # per matrix, or one large gradient would shrink the others' updates)
+    g = torch.Generator().manual_seed(1)
+    stack = torch.randn(3, *shape, generator=g) * torch.tensor([1.0, 10.0, 0.1])[:, None, None]
+    alone = torch.stack([newton_schulz_orthogonalize(m) for m in stack])
+    assert torch.allclose(newton_schulz_orthogonalize(stack), alone, atol=1e-5)
+
+
 def test_adamw_groups_of_the_combined_optimizer_step_like_torch_adamw() -> None:
     torch.manual_seed(0)
     ours_model, torch_model = nn.Linear(6, 4), nn.Linear(6, 4)
