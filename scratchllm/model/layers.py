@@ -1,4 +1,5 @@
-"""Building blocks of the decoder: RMSNorm, rotary positions (RoPE), SwiGLU MLP, grouped-query attention.
+"""Building blocks of the decoder: RMSNorm, rotary positions (RoPE), grouped-query attention, and the block that
+joins them with an MLP (model/mlp.py's SwiGLU, or model/moe.py's Mixture-of-Experts).
 
 Names follow Llama / Hugging Face (`q_proj` … `o_proj`, `gate_proj`/`up_proj`/`down_proj`) so export is a
 rename table. References: RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467), RoPE (Su et al. 2021,
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scratchllm.config import ModelConfig
+from scratchllm.model.mlp import SwiGLU
+from scratchllm.model.moe import MoE
 
 # torch >= 2.5: SDPA takes fewer K/V heads than query heads itself (enable_gqa), so GQA needs no K/V copies.
 SDPA_HAS_GQA = torch.__version__ >= (2, 5)
@@ -65,19 +68,6 @@ def rotate_half(x: Tensor) -> Tensor:
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
-
-
-class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)): the gated MLP of Llama."""
-
-    def __init__(self, d_model: int, d_ff: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Attention(nn.Module):
@@ -142,8 +132,6 @@ class Block(nn.Module):
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
         if config.n_experts > 0:
-            from scratchllm.model.moe import MoE
-
             self.mlp: nn.Module = MoE(config)
         else:
             self.mlp = SwiGLU(config.d_model, config.resolved_d_ff)

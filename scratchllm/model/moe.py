@@ -5,7 +5,7 @@ Replaces the dense SwiGLU in `Block` when `--model.n_experts > 0`. References: s
 router z-loss (ST-MoE, Zoph et al. 2022, arXiv:2202.08906 eq. 5); shared experts (DeepSeekMoE, arXiv:2401.06066).
 Deviations: no expert capacity, so no token is ever dropped ("dropless", as in MegaBlocks, arXiv:2211.15841);
 padding tokens count in the balance statistics. The training loop adds `moe_aux_loss(model)` to every stage's loss;
-the two loss functions are in train/losses.py.
+the two loss functions are below, beside the router they train.
 """
 
 from __future__ import annotations
@@ -16,8 +16,29 @@ import torch
 from torch import Tensor, nn
 
 from scratchllm.config import ModelConfig
-from scratchllm.model.layers import SwiGLU
-from scratchllm.train.losses import load_balancing_loss, router_z_loss
+from scratchllm.model.mlp import SwiGLU
+
+
+def load_balancing_loss(router_probs: Tensor, expert_index: Tensor) -> Tensor:
+    """Switch Transformer aux loss (Fedus et al. 2021, arXiv:2101.03961 eq. 4): E·Σ_i f_i·P_i, without the α weight.
+
+    router_probs (N, E) softmax over experts; expert_index (N, k) experts chosen per token. f_i is the share of
+    the N·k routing slots sent to expert i (eq. 5, counted over all k choices so Σ f = 1), P_i the mean router
+    probability (eq. 6). Only P carries gradient. Equals 1 for a uniform router whatever f is, its minimum when
+    f is uniform; grows to E when everything goes to one expert with certainty.
+    """
+    n_experts = router_probs.shape[-1]
+    fraction = torch.bincount(expert_index.reshape(-1), minlength=n_experts).float() / expert_index.numel()  # eq. 5
+    prob = router_probs.float().mean(0)  # eq. 6
+    return n_experts * (fraction * prob).sum()  # eq. 4
+
+
+def router_z_loss(router_logits: Tensor) -> Tensor:
+    """Router z-loss (ST-MoE, Zoph et al. 2022, arXiv:2202.08906 eq. 5): mean over tokens of (log Σ_j e^{x_j})².
+
+    router_logits (N, E). Penalises large logits so the router's softmax stays in a numerically safe range.
+    """
+    return torch.logsumexp(router_logits.float(), dim=-1).pow(2).mean()  # eq. 5
 
 
 class MoE(nn.Module):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from scratchllm.export.hf import export_hf
 from scratchllm.model.cli import describe
 from scratchllm.model.gpt import GPT
 from scratchllm.model.kv_cache import KVCache
-from scratchllm.model.layers import SwiGLU
+from scratchllm.model.mlp import SwiGLU
 from scratchllm.model.moe import MoE, load_balancing_loss, moe_aux_loss, router_z_loss
 from scratchllm.train.loop import train
 from scratchllm.train.losses import cross_entropy_loss
@@ -225,3 +226,13 @@ def test_model_info_reports_active_parameters() -> None:
     assert rows["active per token (total)"] < rows["total"]
     # top-1 of 4 same-width experts: active = dense + the router's E·d_model weights per layer
     assert rows["active per token (total)"] == dense["total"] + 2 * 4 * 32
+
+
+def test_load_balancing_top2_and_router_z_loss() -> None:
+    # E = 2, k = 2: every token uses both experts -> f = [½, ½]; P = [0.9, 0.1] -> 2·(0.45 + 0.05) = 1
+    assert math.isclose(float(load_balancing_loss(torch.tensor([[0.9, 0.1]]), torch.tensor([[0, 1]]))), 1.0)
+    # everything on expert 0 with P = [1, 0]: 2·1·1 = 2 = E, the maximum
+    assert math.isclose(float(load_balancing_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[0]]))), 2.0)
+    # logits [0, 0]: logsumexp = ln 2; [ln 3, 0]: logsumexp = ln 4 -> mean((ln 2)², (ln 4)²)
+    z = router_z_loss(torch.tensor([[0.0, 0.0], [math.log(3), 0.0]]))
+    assert math.isclose(float(z), (math.log(2) ** 2 + math.log(4) ** 2) / 2, rel_tol=1e-6)

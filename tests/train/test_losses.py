@@ -20,9 +20,7 @@ from scratchllm.train.losses import (
     grpo_loss,
     kl_k1,
     kl_k3,
-    load_balancing_loss,
     ppo_clip_loss,
-    router_z_loss,
     value_loss,
     whiten,
 )
@@ -161,13 +159,6 @@ def test_distillation_equals_ce_when_alpha_one_and_kl_zero_for_same_logits() -> 
     assert abs(stats["kl_teacher"]) < 1e-6
 
 
-def test_load_balancing_minimal_for_uniform_router() -> None:
-    n, e = 8, 4
-    uniform = load_balancing_loss(torch.full((n, e), 1 / e), torch.arange(n)[:, None] % e)
-    skewed = load_balancing_loss(torch.tensor([[0.7, 0.1, 0.1, 0.1]] * n), torch.zeros(n, 1, dtype=torch.long))
-    assert math.isclose(float(uniform), 1.0, rel_tol=1e-6) and float(skewed) > 2.0
-
-
 def test_cross_entropy_upcasts_and_unmasked_mean() -> None:
     # logits [0, ln 3] -> p = [1/4, 3/4]; CE(target 1) = -log 3/4, CE(target 0) = log 4; mean = (log 4 - log 0.75)/2
     logits = torch.tensor([[[0.0, math.log(3)], [0.0, math.log(3)]]])
@@ -292,11 +283,3 @@ def test_distillation_hand_computed_two_token_vocab() -> None:
     assert math.isclose(float(loss), 0.5 * math.log(2) + 2 * kl, rel_tol=1e-5)
 
 
-def test_load_balancing_top2_and_router_z_loss() -> None:
-    # E = 2, k = 2: every token uses both experts -> f = [½, ½]; P = [0.9, 0.1] -> 2·(0.45 + 0.05) = 1
-    assert math.isclose(float(load_balancing_loss(torch.tensor([[0.9, 0.1]]), torch.tensor([[0, 1]]))), 1.0)
-    # everything on expert 0 with P = [1, 0]: 2·1·1 = 2 = E, the maximum
-    assert math.isclose(float(load_balancing_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[0]]))), 2.0)
-    # logits [0, 0]: logsumexp = ln 2; [ln 3, 0]: logsumexp = ln 4 -> mean((ln 2)², (ln 4)²)
-    z = router_z_loss(torch.tensor([[0.0, 0.0], [math.log(3), 0.0]]))
-    assert math.isclose(float(z), (math.log(2) ** 2 + math.log(4) ** 2) / 2, rel_tol=1e-6)
