@@ -6,7 +6,10 @@ PPO and GRPO are measured on identical prompts with identical decoding.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+import hashlib
+import json
+from collections import Counter, OrderedDict, defaultdict
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -20,14 +23,61 @@ from scratchllm.tokenizer.bpe import Tokenizer
 from scratchllm.tokenizer.chat import render_for_completion, reply_stop_ids
 from scratchllm.train.rewards import score_task
 
+# Replies already generated in this process, by what determines them (weights, prompts, decoding, seed). The
+# pipeline measures each model more than once on the same set: a stage's final evaluation, the next stage's step 0
+# and the report all ask the same greedy questions of the same weights; the answers are computed once.
+_REPLIES: OrderedDict[str, list[tuple[str, bool]]] = OrderedDict()
+_REPLIES_KEPT = 64
+_HASHED_PARAMETERS_MAX = 50_000_000  # hashing a larger model's weights costs more than it saves: not memoised
+
+
+def weights_digest(model: nn.Module) -> str | None:
+    """A content hash of every parameter and buffer (names, dtypes, bytes); None for a model too large to hash."""
+    state = model.state_dict()
+    if sum(t.numel() for t in state.values()) > _HASHED_PARAMETERS_MAX or any(type(t) is not torch.Tensor for t in state.values()):
+        return None  # too large, or sharded (a DTensor's bytes are only this rank's shard)
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in state.items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _replies_key(model: nn.Module, tok: Tokenizer, prompts: list, max_new_tokens: int, batch_size: int,
+                 params: SamplingParams, seed: int | None) -> str | None:
+    weights = weights_digest(model)
+    if weights is None:
+        return None
+    device = next(model.parameters()).device
+    spec = json.dumps([tok.fingerprint(), prompts, max_new_tokens, batch_size, asdict(params), seed, str(device), torch.get_num_threads()],
+                      ensure_ascii=False)
+    return weights + hashlib.blake2b(spec.encode(), digest_size=16).hexdigest()
+
 
 @torch.no_grad()
 def generate_replies(
     model: nn.Module, tok: Tokenizer, prompts: list[list[dict[str, str]]], max_new_tokens: int = 32,
     batch_size: int = 64, params: SamplingParams | None = None, seed: int | None = None,
 ) -> list[tuple[str, bool]]:
-    """(reply text without the end token, whether the reply ended with <|im_end|>) per prompt."""
+    """(reply text without the end token, whether the reply ended with <|im_end|>) per prompt.
+
+    Memoised in this process on everything that determines the replies (`_REPLIES`): the same weights asked the
+    same prompts with the same decoding and seed get the replies computed the first time."""
     params = params or SamplingParams(temperature=0.0)
+    key = _replies_key(model, tok, prompts, max_new_tokens, batch_size, params, seed)
+    if key is not None and key in _REPLIES:
+        _REPLIES.move_to_end(key)
+        return list(_REPLIES[key])
+    out = _generate_replies(model, tok, prompts, max_new_tokens, batch_size, params, seed)
+    if key is not None:
+        _REPLIES[key] = list(out)
+        while len(_REPLIES) > _REPLIES_KEPT:
+            _REPLIES.popitem(last=False)
+    return out
+
+
+def _generate_replies(model: nn.Module, tok: Tokenizer, prompts: list[list[dict[str, str]]], max_new_tokens: int,
+                      batch_size: int, params: SamplingParams, seed: int | None) -> list[tuple[str, bool]]:
     stop_ids = reply_stop_ids(tok)
     was_training = model.training
     model.eval()

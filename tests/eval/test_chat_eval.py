@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import torch
 
 from scratchllm.eval import chat_eval
 
@@ -83,3 +86,23 @@ def test_constant_answer_by_family_has_the_keys_of_pass_at_1_by_family() -> None
     reference = constant_answer_by_family(train, held_out)
     assert reference == {"pass_at_1": 2 / 3, "pass_at_1/add": 0.5, "pass_at_1/compare": 1.0}
     assert reference.keys() == pass_at_1_by_family(held_out, [0.0, 0.0, 0.0]).keys()
+
+
+def test_replies_are_memoised_on_the_weights_and_recomputed_when_they_change(monkeypatch, tiny_config) -> None:
+    from scratchllm.model.gpt import GPT
+    from scratchllm.tokenizer.bpe import Tokenizer
+
+    tok = Tokenizer.train(["The answer is 12. user assistant " * 20], vocab_size=256 + 20 + 4, progress=False)
+    model = GPT(dataclasses.replace(tiny_config, vocab_size=tok.vocab_size))
+    prompts = [t["prompt"] for t in TASKS]
+    calls = []
+    real = chat_eval._generate_replies
+    monkeypatch.setattr(chat_eval, "_generate_replies", lambda *args: calls.append(1) or real(*args))
+    first = chat_eval.generate_replies(model, tok, prompts, 6)
+    assert chat_eval.generate_replies(model, tok, prompts, 6) == first and len(calls) == 1  # same weights: reused
+    chat_eval.generate_replies(model, tok, prompts, 6, seed=3, params=chat_eval.SamplingParams(temperature=1.0))
+    assert len(calls) == 2  # other decoding: generated
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1.0  # one weight changed: the replies may change, so they are generated again
+    assert chat_eval.generate_replies(model, tok, prompts, 6) == real(model, tok, prompts, 6, 64, chat_eval.SamplingParams(temperature=0.0), None)
+    assert len(calls) == 3
