@@ -19,13 +19,13 @@ from collections import deque
 from dataclasses import astuple, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from scratchllm.infer.engine import _row_uniforms
 from scratchllm.infer.sampling import SamplingParams, process_logits, sample_from_uniforms
+from scratchllm.infer.slot_forward import SlotForward
 from scratchllm.model.gpt import GPT
-from scratchllm.model.layers import SDPA_HAS_GQA, apply_rope
+from scratchllm.model.kv_cache import SlotKVCache
 
 
 @dataclass
@@ -73,72 +73,11 @@ class _Row:
 
     def __post_init__(self) -> None:
         self.settings = astuple(self.request.params)  # rows with equal settings are processed in one call
-        self.greedy = self.request.params.temperature == 0
-
-
-class SlotCache:
-    """K/V for `n_slots` rows, (L, S, K, T, D); a row's positions 0..length-1 live in its slot."""
-
-    def __init__(self, model: GPT, n_slots: int, max_len: int) -> None:
-        cfg = model.config
-        weight = next(model.parameters())
-        kv_heads = model.layers[0].self_attn.n_kv_heads
-        shape = (cfg.n_layers, n_slots, kv_heads, max_len, cfg.d_head)  # (L, S, K, T, D)
-        self.k = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
-        self.v = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
-
-    def swap(self, a: int, b: int, length: int) -> None:
-        pair, flipped = [a, b], [b, a]
-        self.k[:, pair, :, :length] = self.k[:, flipped, :, :length]  # the right side is a copy: a safe swap
-        self.v[:, pair, :, :length] = self.v[:, flipped, :, :length]
-
-
-def slot_forward(model: GPT, cache: SlotCache, ids: Tensor, slots: list[int], starts: Tensor, kv_len: int) -> Tensor:
-    """ids (B, T) for the rows in `slots`, row b's tokens at positions starts[b]+t ->
-    final-normed hidden states (B, T, d_model). Writes their K/V into the slots; `kv_len` >= max(starts) + T.
-
-    Attention is written here rather than taken from GPT.forward because every row has its own length: query t
-    of row b sees keys 0..starts[b]+t of its own slot. Right-padded rows (prefill) write junk past their length,
-    which is harmless: a row's positions >= its length are overwritten before anything may attend to them."""
-    B, T = ids.shape
-    positions = starts[:, None] + torch.arange(T, device=ids.device)  # (B, T)
-    cos = model.rotary.cos[positions].unsqueeze(1)  # (B, 1, T, D)
-    sin = model.rotary.sin[positions].unsqueeze(1)
-    keys = torch.arange(kv_len, device=ids.device)
-    visible = keys[None, None, :] <= positions[:, :, None]  # (B, T, kv_len)
-    if model.config.sliding_window:
-        visible &= positions[:, :, None] - keys[None, None, :] < model.config.sliding_window
-    mask = visible[:, None]  # (B, 1, T, kv_len)
-    rows = torch.tensor(slots, device=ids.device)[:, None]  # (B, 1)
-    # Decoding rows are slots 0..n-1: the cache is read as a view; other sets (prefill) are gathered.
-    contiguous = slots == list(range(slots[0], slots[0] + B))
-    read = slice(slots[0], slots[0] + B) if contiguous else rows[:, 0]
-    x = model.embed_tokens(ids)
-    for layer, block in enumerate(model.layers):
-        attn = block.self_attn
-        H, K, D = attn.n_heads, attn.n_kv_heads, attn.d_head
-        h = block.input_layernorm(x)
-        q = attn.q_proj(h).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = attn.k_proj(h).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        v = attn.v_proj(h).view(B, T, K, D)  # (B, T, K, D): the layout the cache write below wants
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # subtle: advanced indices split by a slice put their dims first, so this writes (B, T, K, D) values
-        cache.k[layer, rows, :, positions] = k.transpose(1, 2).to(cache.k.dtype)
-        cache.v[layer, rows, :, positions] = v.to(cache.v.dtype)
-        k_all = cache.k[layer, read, :, :kv_len]  # (B, K, kv_len, D)
-        v_all = cache.v[layer, read, :, :kv_len]
-        if SDPA_HAS_GQA:
-            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=H > K)
-        else:
-            k_all, v_all = k_all.repeat_interleave(H // K, dim=1), v_all.repeat_interleave(H // K, dim=1)
-            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
-        x = x + attn.o_proj(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, H*D)
-        x = x + block.mlp(block.post_attention_layernorm(x))
-    return model.norm(x)
+        params = self.request.params
+        self.greedy = params.temperature == 0
+        # only penalties read the counts of generated tokens; rows without them skip counting
+        self.penalised = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
+                          or params.frequency_penalty != 0.0)
 
 
 class ContinuousEngine:
@@ -149,17 +88,20 @@ class ContinuousEngine:
     tokens, then decode one token for every running row."""
 
     def __init__(self, model: GPT, stop_ids: frozenset[int] | set[int], max_batch: int = 32, max_queue: int = 64,
-                 prefill_chunk: int = 128) -> None:
+                 prefill_chunk: int = 128, fuse: bool = True, compile: bool = False) -> None:
+        """`fuse`, `compile`: see SlotForward (fused inference weights; torch.compile of the decode step)."""
         self.model, self.stop_ids, self.max_batch = model.eval(), frozenset(stop_ids), max_batch
         self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
         self.context = model.config.max_seq_len
         # A model that replaces GPT.forward (a test double, a wrapper) is run by full recompute through its own
-        # forward: correct for any such model, and slow; slot_forward would bypass the replacement.
+        # forward: correct for any such model, and slow; SlotForward would bypass the replacement.
         self.recompute = type(model).forward is not GPT.forward
         weight = next(model.parameters())
         self.device = weight.device
         # + prefill_chunk: a right-padded prefill row may write that far past its own length
-        self.cache = SlotCache(model, max_batch, self.context + prefill_chunk)
+        self.cache = SlotKVCache(model.config, max_batch, self.context + prefill_chunk,
+                                 model.layers[0].self_attn.n_kv_heads, self.device, weight.dtype)
+        self.forward = None if self.recompute else SlotForward(model, self.cache, fuse, compile)
         V = model.config.vocab_size
         self.counts = torch.zeros(max_batch, V, device=self.device)  # generated-token counts, for the penalties
         self.uniforms = torch.zeros(max_batch, self.context, dtype=torch.float64, device=self.device)
@@ -302,8 +244,8 @@ class ContinuousEngine:
         for b, (row, take) in enumerate(chunks):
             ids[b, :take] = torch.tensor(row.request.prompt_ids[row.prefilled : row.prefilled + take])
         starts = [row.prefilled for row, _ in chunks]
-        hidden = slot_forward(self.model, self.cache, ids.to(self.device), [self.slots.index(r) for r, _ in chunks],
-                              torch.tensor(starts, device=self.device), max(starts) + T)
+        hidden = self.forward.prefill(ids.to(self.device), [self.slots.index(r) for r, _ in chunks],
+                                      torch.tensor(starts, device=self.device), max(starts) + T)
         done: list[int] = []
         for b, (row, take) in enumerate(chunks):
             row.prefilled += take
@@ -312,7 +254,7 @@ class ContinuousEngine:
         if not done:
             return
         last = torch.tensor([chunks[b][1] - 1 for b in done], device=self.device)
-        logits = self.model.lm_head(hidden[done, last]).float()  # (B', V): each finished row's last prompt position
+        logits = self.forward.logits(hidden[done, last])  # (B', V): each finished row's last prompt position
         self._start_decoding([chunks[b][0] for b in done], logits)
 
     def _start_decoding(self, rows: list[_Row], logits: Tensor) -> None:
@@ -337,11 +279,9 @@ class ContinuousEngine:
             logits = torch.cat([self.model(torch.tensor([row.request.prompt_ids + row.generated],
                                                         device=self.device))[:, -1] for row in self.slots[:n]]).float()
         else:
-            ids = torch.tensor([[row.last_token] for row in self.slots[:n]], device=self.device)  # (n, 1)
+            ids = torch.tensor([row.last_token for row in self.slots[:n]], device=self.device)  # (n,)
             lengths = [self._length(slot) for slot in range(n)]
-            hidden = slot_forward(self.model, self.cache, ids, list(range(n)),
-                                  torch.tensor(lengths, device=self.device), max(lengths) + 1)
-            logits = self.model.lm_head(hidden[:, -1]).float()  # (n, V)
+            logits = self.forward.decode(ids, torch.tensor(lengths, device=self.device), max(lengths) + 1)  # (n, V)
         tokens, logprobs = self._sample(logits, list(range(n)))
         # Backwards: removing slot s only moves rows from slots >= s, which are already handled.
         for slot in reversed(range(n)):
@@ -352,17 +292,17 @@ class ContinuousEngine:
         own uniform for this step (inverse CDF), argmax where the temperature is 0."""
         rows = [self.slots[s] for s in slots]
         index = torch.tensor(slots, device=self.device)
-        counts = self.counts[index]
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(rows):
             groups.setdefault(row.settings, []).append(i)
         if len(groups) == 1:
-            processed = process_logits(logits, counts, rows[0].request.params)
+            processed = process_logits(logits, self._counts(index, rows[0]), rows[0].request.params)
         else:
             processed = torch.empty_like(logits)
             for members in groups.values():
                 at = torch.tensor(members, device=self.device)
-                processed[at] = process_logits(logits[at], counts[at], rows[members[0]].request.params)
+                first = rows[members[0]]
+                processed[at] = process_logits(logits[at], self._counts(index[at], first), first.request.params)
         # Greedy rows take the argmax and sampled rows their inverse-CDF draw, each computed only where needed:
         # the float64 CDF over the vocabulary costs more than the rest of a small model's step.
         sampled = [i for i, row in enumerate(rows) if not row.greedy]
@@ -377,7 +317,8 @@ class ContinuousEngine:
             else:
                 chosen = processed.argmax(-1)
                 chosen[at] = drawn
-        self.counts[index, chosen] += 1
+        if any(row.penalised for row in rows):
+            self.counts[index, chosen] += 1
         tokens = chosen.tolist()
         logprobs: list[TokenLogprob | None] = [None] * len(rows)
         wanted = [i for i, row in enumerate(rows) if row.request.n_logprobs is not None]
@@ -391,6 +332,11 @@ class ContinuousEngine:
                 top = list(zip(top_ids[w, :n_top].tolist(), top_values[w, :n_top].tolist()))
                 logprobs[i] = TokenLogprob(picked[w], top)
         return tokens, logprobs
+
+    def _counts(self, index: Tensor, row: _Row) -> Tensor:
+        """Generated-token counts of the rows at `index`, gathered only where the settings have a penalty (their
+        only reader; process_logits never looks at them otherwise, so an empty tensor stands in)."""
+        return self.counts[index] if row.penalised else self.counts[:0]
 
     def _accept(self, slot: int, token: int, logprob: TokenLogprob | None) -> bool:
         """Hand a sampled token to its request; True if the row finished (and left its slot)."""

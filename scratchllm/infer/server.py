@@ -154,13 +154,15 @@ class Guard:
 
 def create_app(model: GPT, tok: Tokenizer, model_name: str = "scratchllm", api_key: str | None = None,
                max_batch: int = 32, max_queue: int = 64, max_body_bytes: int = 1_000_000, prefill_chunk: int = 128,
-               engine: Any = None) -> Guard:
+               engine: Any = None, compile: bool = False) -> Guard:
     """The ASGI app. `engine`: anything with ContinuousEngine's submit/queued/busy_rows/start (the benchmark passes
-    the old wave engine as its reference); by default a ContinuousEngine on `model`."""
+    the old wave engine as its reference); by default a ContinuousEngine on `model` (`compile`: its decode step
+    through torch.compile)."""
     # subtle: FastAPI resolves these annotations by name at module level (this file uses postponed annotations)
     app = FastAPI(title="scratchllm", version="0.2.0")
     if engine is None:
-        engine = ContinuousEngine(model.eval(), reply_stop_ids(tok), max_batch, max_queue, prefill_chunk)
+        engine = ContinuousEngine(model.eval(), reply_stop_ids(tok), max_batch, max_queue, prefill_chunk,
+                                  compile=compile)
     engine.start()
     app.state.engine = engine
     context = model.config.max_seq_len
@@ -384,6 +386,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger request bodies get 413")
     parser.add_argument("--prefill-chunk", type=int, default=128,
                         help="most prompt tokens prefilled per step, so running streams keep moving")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the decode step with torch.compile: faster steps once compiled, but the first "
+                             "requests wait for the compiler (minutes on a small CPU); falls back if it fails")
     parser.add_argument("--device", default="cpu")
     add_inference_args(parser)
     args = parser.parse_args(argv)
@@ -391,6 +396,6 @@ def main(argv: list[str]) -> int:
 
     model, tok = load_for_inference(args.checkpoint, args.device, args.quantize, args.lora)
     app = create_app(model, tok, args.model_name, args.api_key, args.max_batch, args.max_queue, args.max_body_bytes,
-                     args.prefill_chunk)
+                     args.prefill_chunk, compile=args.compile)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -1,0 +1,217 @@
+"""The serving forward: the GPT run over a slot KV cache with per-row positions, its weights fused for inference.
+
+GPT.forward is the training forward (one length shared by every row, modules called as declared). A serving batch
+mixes rows of different lengths, and a small model's decode step is mostly per-operation overhead, not arithmetic
+(torch.profiler, `mini` at batch 1 on 2 CPU threads: ~180 operations a step, the matmuls under half its time;
+docs/benchmarks.md). So this forward does fewer, larger operations: one matmul for q/k/v and one for gate/up (the
+weights are concatenated here, once: the model's parameters, state_dict and export are untouched), RoPE on q and k
+in one call, one `index_copy_` per cache write, and decode attention as two batched matmuls over a view of the cache
+(GQA by grouping each K/V head's query heads, no K/V copies). `compile=True` also runs the decode step through
+torch.compile. tests/infer/test_slot_forward.py holds its logits equal to GPT.forward's.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from scratchllm.model.gpt import GPT
+from scratchllm.model.kv_cache import SlotKVCache
+from scratchllm.model.layers import SDPA_HAS_GQA, Block, RMSNorm, SwiGLU
+
+
+def _plain(linear: nn.Module) -> bool:
+    """An nn.Linear without bias, not a subclass or a replacement (LoRA, int8): its weight is all it computes."""
+    return type(linear) is nn.Linear and linear.bias is None
+
+
+def _fold(norm: RMSNorm, linears: list[nn.Module]) -> Tensor:
+    """One weight for `linears` applied to norm(x): W·(g ⊙ n) = (W·diag(g))·n, so the norm's gain g moves into the
+    concatenated weight (computed in float32, rounded once to the weights' dtype)."""
+    weight = torch.cat([m.weight.detach().float() for m in linears]) * norm.weight.detach().float()
+    return weight.to(linears[0].weight.dtype)
+
+
+def _rms(x: Tensor, eps: float) -> Tensor:
+    """RMSNorm without its gain (folded into the next weight), in float32 as RMSNorm computes it."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class _Layer:
+    """One block as the serving forward calls it. Fused: q/k/v are one matmul, gate/up one, each with its RMSNorm
+    gain folded in; a projection that is not a plain Linear (LoRA, int8, MoE) is called as its module instead."""
+
+    def __init__(self, block: Block, fuse: bool) -> None:
+        attn, mlp = block.self_attn, block.mlp
+        self.H, self.K, self.D = attn.n_heads, attn.n_kv_heads, attn.d_head
+        self.attn, self.mlp = attn, mlp
+        self.input_norm, self.post_norm = block.input_layernorm, block.post_attention_layernorm
+        self.o_proj = attn.o_proj
+        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+        self.qkv_weight = _fold(self.input_norm, qkv) if fuse and all(map(_plain, qkv)) else None
+        gate_up = [mlp.gate_proj, mlp.up_proj] if isinstance(mlp, SwiGLU) else []
+        self.gate_up_weight = _fold(self.post_norm, gate_up) if fuse and gate_up and all(map(_plain, gate_up)) else None
+        self.down_proj = mlp.down_proj if isinstance(mlp, SwiGLU) else None
+
+    def qkv(self, x: Tensor) -> Tensor:
+        """Residual stream (B, T, d_model) -> (B, T, H+2K, D): query heads, then key heads, then value heads."""
+        B, T, _ = x.shape
+        if self.qkv_weight is not None:
+            out = F.linear(_rms(x, self.input_norm.eps), self.qkv_weight)
+        else:
+            h = self.input_norm(x)
+            out = torch.cat([self.attn.q_proj(h), self.attn.k_proj(h), self.attn.v_proj(h)], dim=-1)
+        return out.view(B, T, self.H + 2 * self.K, self.D)  # (B, T, H+2K, D)
+
+    def attn_residual(self, x: Tensor, y: Tensor) -> Tensor:
+        """x + o_proj(y): attention's output (B, T, H*D) added to the residual stream."""
+        return _add_linear(x, y, self.o_proj)
+
+    def mlp_residual(self, x: Tensor) -> Tensor:
+        """x + mlp(norm(x))."""
+        if self.gate_up_weight is None:
+            return x + self.mlp(self.post_norm(x))
+        gate, up = F.linear(_rms(x, self.post_norm.eps), self.gate_up_weight).chunk(2, dim=-1)
+        return _add_linear(x, F.silu(gate) * up, self.down_proj)
+
+
+def _add_linear(x: Tensor, y: Tensor, linear: nn.Module) -> Tensor:
+    """x + linear(y); for a plain Linear one addmm (the residual add rides in the matmul)."""
+    if not _plain(linear):
+        return x + linear(y)
+    return torch.addmm(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), linear.weight.t()).view(x.shape)
+
+
+class SlotForward:
+    """`prefill` (any slots, T positions each) and `decode` (slots 0..B-1, one position each) over a SlotKVCache.
+
+    `fuse=False` calls q/k/v and gate/up as the model declares them (the fused copies hold those weights, and the
+    lm_head's, a second time in memory). The fused weights are a snapshot: build a new SlotForward after changing
+    the model's weights. `compile=True` compiles the decode step with torch.compile (dynamic shapes: one graph for
+    batch 1 and one for the other sizes and lengths); on CUDA it asks for mode "reduce-overhead", which replays the
+    step as CUDA graphs (untested: no GPU was available when it was written)."""
+
+    def __init__(self, model: GPT, cache: SlotKVCache, fuse: bool = True, compile: bool = False) -> None:
+        self.model, self.cache = model, cache
+        self.layers = [_Layer(block, fuse) for block in model.layers]
+        self.final_norm, self.lm_head = model.norm, model.lm_head
+        self.head_weight = _fold(model.norm, [model.lm_head]) if fuse and _plain(model.lm_head) else None
+        self.window = model.config.sliding_window
+        self.max_pos = model.config.max_seq_len - 1
+        # RoPE with the rotation folded into the table: rotate_half(x) * sin == swap_halves(x) * signed_sin.
+        D = model.config.d_head
+        self.cos = model.rotary.cos
+        self.signed_sin = torch.cat([-model.rotary.sin[:, : D // 2], model.rotary.sin[:, D // 2 :]], dim=-1)
+        self.H, self.K = self.layers[0].H, self.layers[0].K
+        self._compiled = None
+        if compile:
+            # On CUDA, "reduce-overhead" replays the step as CUDA graphs (untested: no GPU was available here).
+            mode = "reduce-overhead" if cache.kv[0].is_cuda else None
+            self._compiled = torch.compile(self._decode, dynamic=True, mode=mode)
+
+    def _rope_tables(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """positions (B, T) -> cos, signed sin (B, T, H+2K, D), once per forward: the rotation of each query and key
+        head at its position, and none (cos 1, sin 0) for the value heads, so one call rotates a whole q/k/v output."""
+        positions = positions.clamp(max=self.max_pos)  # padded prefill positions past the context are junk anyway
+        B, T = positions.shape
+        rotated = (B, T, self.H + self.K, self.cos.shape[1])
+        cos = self.cos[positions].unsqueeze(2).to(dtype).expand(rotated)
+        sin = self.signed_sin[positions].unsqueeze(2).to(dtype).expand(rotated)
+        values = cos.new_ones(B, T, self.K, cos.shape[-1])
+        return torch.cat([cos, values], dim=2), torch.cat([sin, torch.zeros_like(values)], dim=2)
+
+    @staticmethod
+    def _rope(qkv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """qkv (B, T, H+2K, D) with q and k rotated (RoPE eq. 34, HF's rotate-half layout); a new tensor."""
+        x1, x2 = qkv.chunk(2, dim=-1)
+        return torch.addcmul(qkv * cos, torch.cat([x2, x1], dim=-1), sin)
+
+    def _visible(self, keys: Tensor, positions: Tensor) -> Tensor:
+        """keys (L,), positions (..., T) -> (..., T, L) bool: causal, and within the sliding window if any."""
+        visible = keys <= positions[..., None]
+        if self.window:
+            visible &= positions[..., None] - keys < self.window
+        return visible
+
+    def prefill(self, ids: Tensor, slots: list[int], starts: Tensor, kv_len: int) -> Tensor:
+        """ids (B, T) for the rows in `slots`, row b's tokens at positions starts[b]+t -> the residual stream after
+        the last block (B, T, d_model); `logits` takes it from there. `kv_len` >= max(starts) + T.
+
+        Right-padded rows write junk past their length, which is harmless: a row's positions >= its length are
+        overwritten before anything may attend to them."""
+        B, T = ids.shape
+        cache = self.cache
+        positions = starts[:, None] + torch.arange(T, device=ids.device)  # (B, T)
+        mask = self._visible(torch.arange(kv_len, device=ids.device), positions)[:, None]  # (B, 1, T, kv_len)
+        slot_ids = torch.tensor(slots, device=ids.device)
+        index = cache.write_index(slot_ids, positions)
+        # Rows in consecutive slots are read as a view; other sets are gathered.
+        read = slice(slots[0], slots[0] + B) if slots == list(range(slots[0], slots[0] + B)) else slot_ids
+        x = self.model.embed_tokens(ids)
+        cos, sin = self._rope_tables(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            H, K = layer.H, layer.K
+            qkv = self._rope(layer.qkv(x), cos, sin)  # (B, T, H+2K, D)
+            cache.write(i, index, qkv[:, :, H:])
+            q = qkv[:, :, :H].transpose(1, 2)  # (B, H, T, D)
+            k_all = cache.keys(i)[read, :, :kv_len]  # (B, K, kv_len, D)
+            v_all = cache.values(i)[read, :, :kv_len]
+            if SDPA_HAS_GQA:
+                y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=H > K)
+            else:
+                k_all, v_all = k_all.repeat_interleave(H // K, dim=1), v_all.repeat_interleave(H // K, dim=1)
+                y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+            x = layer.attn_residual(x, y.transpose(1, 2).reshape(B, T, H * layer.D))  # (B, T, H*D)
+            x = layer.mlp_residual(x)
+        return x
+
+    def logits(self, x: Tensor) -> Tensor:
+        """(N, d_model) residual stream after the last block -> (N, V) float32 logits (final norm included)."""
+        if self.head_weight is None:
+            return self.lm_head(self.final_norm(x)).float()
+        return F.linear(_rms(x, self.final_norm.eps), self.head_weight).float()
+
+    def decode(self, ids: Tensor, lengths: Tensor, kv_len: int) -> Tensor:
+        """ids (B,) of the rows in slots 0..B-1, each at position lengths[b] -> logits (B, V) float32.
+        `kv_len` >= max(lengths) + 1: the keys read (a Python int, so no host sync).
+
+        Compiled if asked; a compiler that is missing or fails is reported once and the step runs eagerly from then
+        on (the cache writes are idempotent, so a step that failed half-way is simply redone)."""
+        if self._compiled is not None:
+            try:
+                return self._compiled(ids, lengths, kv_len)
+            except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the same step, uncompiled
+                warnings.warn(f"torch.compile of the decode step failed ({type(err).__name__}: {err}); "
+                              "decoding without it", RuntimeWarning, stacklevel=2)
+                self._compiled = None
+        return self._decode(ids, lengths, kv_len)
+
+    def _decode(self, ids: Tensor, lengths: Tensor, kv_len: int) -> Tensor:
+        """The decode step (see `decode`). Attention per K/V head: its G query heads are the rows of one (G, D) @ (D, L) matmul, plus an additive
+        mask (-inf where a key is past the row's length or outside the window)."""
+        B = ids.shape[0]
+        cache = self.cache
+        positions = lengths[:, None]  # (B, 1)
+        index = cache.write_index(torch.arange(B, device=ids.device), positions)
+        x = self.model.embed_tokens(ids[:, None])  # (B, 1, d_model)
+        keys = torch.arange(kv_len, device=ids.device)
+        bias = torch.zeros(B, 1, kv_len, device=ids.device, dtype=x.dtype)
+        bias.masked_fill_(~self._visible(keys, positions), float("-inf"))  # (B, 1, L)
+        bias = bias.repeat_interleave(cache.shape[1], dim=0)  # (B*K, 1, L), broadcast over each head's G queries
+        cos, sin = self._rope_tables(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            H, K, D = layer.H, layer.K, layer.D
+            qkv = self._rope(layer.qkv(x), cos, sin)  # (B, 1, H+2K, D)
+            cache.write(i, index, qkv[:, :, H:])
+            q = qkv[:, 0, :H].reshape(B * K, H // K, D)  # (B*K, G, D): query head h = k*G + g reads K/V head k
+            k_all = cache.keys(i)[:B, :, :kv_len].reshape(B * K, kv_len, D)  # (B*K, L, D), a view
+            v_all = cache.values(i)[:B, :, :kv_len].reshape(B * K, kv_len, D)
+            scores = torch.baddbmm(bias, q, k_all.mT, alpha=1 / math.sqrt(D))  # (B*K, G, L)
+            y = torch.bmm(scores.softmax(-1), v_all).view(B, 1, H * D)  # (B*K, G, D) -> (B, 1, H*D)
+            x = layer.mlp_residual(layer.attn_residual(x, y))
+        return self.logits(x[:, 0])
