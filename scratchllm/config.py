@@ -7,16 +7,83 @@ beside every artefact (`to_dict` / `from_dict`), so loading a checkpoint needs n
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
+
+from scratchllm.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user-supplied configuration value is wrong; the message names the flag and the fix."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field allows: `lo` and `hi` (None = unbounded), inclusive unless marked open."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        above = self.lo is None or (x > self.lo if self.lo_open else x >= self.lo)
+        below = self.hi is None or (x < self.hi if self.hi_open else x <= self.hi)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {self.hi}"
+        return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+
+
+AT_LEAST_1, AT_LEAST_0 = Range(1), Range(0)  # counts: "0 = off" fields take AT_LEAST_0
+POSITIVE = Range(0, lo_open=True)  # rates, scales, temperatures: 0 would divide by zero or silently do nothing
+FRACTION, UNIT_OPEN = Range(0, 1), Range(0, 1, hi_open=True)  # probabilities / ratios; decays and betas below 1
+
+
+MAX_INT = 2**31 - 1  # no count, size or seed here needs more; a larger one is a typo that would overflow later
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def check_fields(cfg: Any) -> None:
+    """Validate every field of a config dataclass against its declared type (`Literal` choices included) and
+    the class's `RANGES`, so a value built in Python or read from JSON is held to what a flag is held to.
+
+    Called first in each `__post_init__`: the cross-field rules after it can then rely on sane values (no
+    division by a zero `n_heads`). Errors name the flag, the value and what is allowed."""
+    section = cfg.SECTION
+    for f in fields(cfg):
+        value, annotation, flag = getattr(cfg, f.name), _hints(type(cfg))[f.name], f"--{section}.{f.name}"
+        if typing.get_origin(annotation) is Literal:
+            choices = typing.get_args(annotation)
+            if value not in choices:
+                raise ConfigError(f"{flag}={value!r}: allowed values are {', '.join(map(str, choices))}")
+            continue
+        kind = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}.get(annotation)
+        if kind is None:  # a type without a generic check (none yet): its __post_init__ checks it
+            continue
+        if not isinstance(value, kind) or (isinstance(value, bool) and annotation is not bool):
+            raise ConfigError(f"{flag}={value!r}: expected a value of type {annotation.__name__}")
+        if annotation is float and not math.isfinite(value):
+            raise ConfigError(f"{flag}={value!r}: must be a finite number")
+        if annotation is int and abs(value) > MAX_INT:
+            raise ConfigError(f"{flag}={value!r} is out of range: allowed at most {MAX_INT}")
+        allowed = cfg.RANGES.get(f.name)
+        if allowed is not None and value not in allowed:
+            raise ConfigError(f"{flag}={value!r} is out of range: allowed {allowed}")
 
 
 @dataclass
@@ -41,7 +108,17 @@ class ModelConfig:
     moe_z_loss_coef: float = 0.001  # ST-MoE's c_z (arXiv:2202.08906 eq. 6): keeps router logits small and stable
     init_std: float = 0.02  # GPT-2 init; residual projections get init_std / sqrt(2 * n_layers)
 
+    SECTION: ClassVar[str] = "model"
+    RANGES: ClassVar[dict[str, Range]] = {
+        **dict.fromkeys(["vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len",
+                         "n_experts_active"], AT_LEAST_1),
+        **dict.fromkeys(["d_ff", "sliding_window", "n_experts", "n_shared_experts", "d_ff_expert",
+                         "moe_aux_loss_coef", "moe_z_loss_coef"], AT_LEAST_0),
+        "rope_theta": POSITIVE, "norm_eps": POSITIVE, "init_std": POSITIVE, "dropout": UNIT_OPEN,
+    }
+
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.d_model % self.n_heads:
             raise ConfigError(
                 f"--model.d_model={self.d_model} must be divisible by --model.n_heads={self.n_heads}"
@@ -52,14 +129,6 @@ class ModelConfig:
             )
         if (self.d_model // self.n_heads) % 2:
             raise ConfigError("head dim (--model.d_model / --model.n_heads) must be even for RoPE")
-        for name in ("vocab_size", "n_layers", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--model.{name} must be positive, got {getattr(self, name)}")
-        if self.sliding_window < 0:
-            raise ConfigError("--model.sliding_window must be >= 0 (0 = full attention)")
-        for name in ("n_experts", "n_shared_experts", "d_ff_expert", "moe_aux_loss_coef", "moe_z_loss_coef"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--model.{name} must be >= 0, got {getattr(self, name)}")
         if self.n_experts and not 1 <= self.n_experts_active <= self.n_experts:
             raise ConfigError("--model.n_experts_active must be in [1, --model.n_experts]")
         if self.n_shared_experts and not self.n_experts:
@@ -108,6 +177,13 @@ class TokenizerConfig:
     vocab_size: int = 4096  # 256 bytes + merges + specials; more compresses better but widens embedding and softmax
     bytes_per_file: int = 600_000  # train on a prefix of each file (0 = whole files): merges stabilise long before 10 MB
 
+    SECTION: ClassVar[str] = "tokenizer"
+    # 256 byte tokens + the 4 special tokens (tokenizer/bpe.py DEFAULT_SPECIAL_TOKENS) is the smallest vocabulary
+    RANGES: ClassVar[dict[str, Range]] = {"vocab_size": Range(260), "bytes_per_file": AT_LEAST_0}
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
 
 @dataclass
 class DataConfig:
@@ -123,11 +199,11 @@ class DataConfig:
     chat_rows: int = 12  # rows of every batch (of 16 by default) drawn from chat_data, the rest text, when it is set
     eval_tasks: str = ""  # JSONL of held-out tasks: pretraining's evaluation then also reports greedy task pass@1
 
+    SECTION: ClassVar[str] = "data"
+    RANGES: ClassVar[dict[str, Range]] = {"shard_tokens": AT_LEAST_0, "chat_rows": AT_LEAST_0}
+
     def __post_init__(self) -> None:
-        if self.shard_tokens < 0:
-            raise ConfigError(f"--data.shard_tokens must be >= 0 (0 = one shard per split), got {self.shard_tokens}")
-        if self.chat_rows < 0:
-            raise ConfigError(f"--data.chat_rows must be >= 0, got {self.chat_rows}")
+        check_fields(self)
 
 
 @dataclass
@@ -143,13 +219,14 @@ class OptimConfig:
     # > 0: Muon (train/optim.py) for the blocks' matrices at this peak lr (scheduled like lr); 0 = AdamW for all
     muon_lr: float = 0.0
 
+    SECTION: ClassVar[str] = "optim"
+    RANGES: ClassVar[dict[str, Range]] = {
+        "lr": POSITIVE, "min_lr_ratio": FRACTION, "warmup_steps": AT_LEAST_0, "weight_decay": AT_LEAST_0,
+        "beta1": UNIT_OPEN, "beta2": UNIT_OPEN, "eps": POSITIVE, "grad_clip": AT_LEAST_0, "muon_lr": AT_LEAST_0,
+    }
+
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"--optim.lr must be positive, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError("--optim.min_lr_ratio must be in [0, 1]")
-        if self.muon_lr < 0:
-            raise ConfigError(f"--optim.muon_lr must be >= 0 (0 = AdamW for every parameter), got {self.muon_lr}")
+        check_fields(self)
 
 
 @dataclass
@@ -166,11 +243,11 @@ class LoopConfig:
     max_bad_steps: int = 5  # this many non-finite steps in a row stop the run
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | mps
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | float32 | bfloat16
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto = bf16 on CUDA, fp32 elsewhere
     compile: bool = False  # torch.compile the model (falls back with a warning where unsupported)
     # Under torchrun: ddp keeps a full model per process; fsdp (FSDP2) shards parameters, gradients and Adam
     # state across processes, for models too big for one device (pretrain, sft, dpo and distill support it).
-    parallel: str = "ddp"
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     # Processes per tensor-parallel group (1 = off): each block's matrices are split across them (Megatron
     # layout, train/tensor_parallel.py); the rest of the world size becomes data-parallel replicas (FSDP2).
     tensor_parallel: int = 1
@@ -181,19 +258,27 @@ class LoopConfig:
     # activation memory of one block instead of all (Chen et al. 2016, arXiv:1604.06174).
     activation_checkpointing: bool = False
     max_time_s: float = 0.0  # stop after this many seconds of training (0 = no limit)
+    # Loss-spike guard beside the non-finite one: a step whose loss is more than `spike_factor` running standard
+    # deviations above its running mean, or whose gradient norm is more than `spike_factor` times its running mean
+    # (both EMAs of accepted steps), is a spike. The largest seen in the default run's stages: 1.3 deviations and
+    # 4.0 times (GRPO at lr 3e-4), so 10 leaves room. 0 = off.
+    spike_factor: float = 10.0
+    spike_action: Literal["skip", "stop"] = "skip"  # skip: drop the step (counts toward max_bad_steps); stop: end the run
+
+    SECTION: ClassVar[str] = "loop"
+    RANGES: ClassVar[dict[str, Range]] = {
+        **dict.fromkeys(["max_steps", "batch_size", "grad_accum_steps", "seq_len", "eval_batches", "keep_checkpoints",
+                         "log_every", "max_bad_steps", "tensor_parallel"], AT_LEAST_1),
+        **dict.fromkeys(["eval_every", "checkpoint_every", "max_time_s", "spike_factor", "seed"], AT_LEAST_0),
+    }
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum_steps", "seq_len"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--loop.{name} must be positive, got {getattr(self, name)}")
+        check_fields(self)
+        if 0 < self.spike_factor < 2:
+            raise ConfigError(f"--loop.spike_factor={self.spike_factor}: allowed 0 (off) or >= 2; below 2 ordinary "
+                              "steps would count as spikes")
         if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"--loop.device must be auto|cpu|cuda|mps, got {self.device!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ConfigError(f"--loop.dtype must be auto|float32|bfloat16, got {self.dtype!r}")
-        if self.parallel not in ("ddp", "fsdp"):
-            raise ConfigError(f"--loop.parallel must be ddp|fsdp, got {self.parallel!r}")
-        if self.tensor_parallel < 1:
-            raise ConfigError(f"--loop.tensor_parallel must be >= 1 (1 = off), got {self.tensor_parallel}")
+            raise ConfigError(f"--loop.device={self.device!r}: allowed values are auto, cpu, cuda, cuda:N, mps")
 
 
 @dataclass
@@ -202,6 +287,14 @@ class LoRAConfig:
     alpha: float = 16.0  # update scaled by alpha / r
     dropout: float = 0.0
     target_modules: str = "q_proj,v_proj"  # comma-separated name patterns
+
+    SECTION: ClassVar[str] = "lora"
+    RANGES: ClassVar[dict[str, Range]] = {"r": AT_LEAST_0, "alpha": POSITIVE, "dropout": UNIT_OPEN}
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.r and not self.target_modules.strip(","):
+            raise ConfigError("--lora.target_modules is empty: name the layers to adapt, e.g. q_proj,v_proj")
 
 
 @dataclass
@@ -217,16 +310,27 @@ class SFTConfig:
     pretrain_data: str = "corpus/pretrain"  # holds train/ and val/ *.txt
     # "chat": sft_train.jsonl (conversations, half of them tasks). "tasks": every tasks_train.jsonl question with
     # its canonical reply, a drill for the verifiable tasks (docs/grpo.md: how long until the model reads them).
-    train_data: str = "chat"
+    train_data: Literal["chat", "tasks"] = "chat"
+
+    SECTION: ClassVar[str] = "sft"
+    RANGES: ClassVar[dict[str, Range]] = {
+        **dict.fromkeys(["max_len", "eval_prompts", "eval_tasks", "pretrain_seq_len"], AT_LEAST_1),
+        "pretrain_rows": AT_LEAST_0, "pretrain_weight": AT_LEAST_0,
+    }
 
     def __post_init__(self) -> None:
-        if self.train_data not in ("chat", "tasks"):
-            raise ConfigError(f"--sft.train_data must be chat or tasks, got {self.train_data!r}")
+        check_fields(self)
 
 
 @dataclass
 class RewardConfig:
     margin: float = 0.0  # optional Bradley-Terry margin
+
+    SECTION: ClassVar[str] = "reward"
+    RANGES: ClassVar[dict[str, Range]] = {"margin": AT_LEAST_0}
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass
@@ -240,6 +344,13 @@ class DPOConfig:
     eval_pairs: int = 350  # held-out preference pairs (the whole prefs_val split)
     eval_prompts: int = 100  # held-out conversations for the end-of-reply rate
     eval_tasks: int = 480  # held-out verifiable tasks for pass@1
+
+    SECTION: ClassVar[str] = "dpo"
+    RANGES: ClassVar[dict[str, Range]] = {"beta": POSITIVE, "sft_weight": AT_LEAST_0,
+                                          **dict.fromkeys(["eval_pairs", "eval_prompts", "eval_tasks"], AT_LEAST_1)}
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass
@@ -276,7 +387,7 @@ class PPOConfig:
     # Which training preference prompts PPO samples: "all", or "chat" (those without a verifiable task). The reward
     # model cannot check answers, so on task prompts it rewards the answer format, and PPO then says "The answer
     # is 1." to chat prompts too. One SFT model, 90 steps, held-out gold 0.866 before: all 0.853, chat 0.857.
-    train_prompts: str = "chat"
+    train_prompts: Literal["all", "chat"] = "chat"
     # PPO-ptx (InstructGPT, Ouyang et al. 2022 eq. 2): every step also fits `ptx_batch` SFT conversations, weighted
     # by ptx_coef (InstructGPT mixed in pretraining text; here the SFT data, what the policy should not forget).
     # 1.5 (with lr 2e-4), from one SFT model, 79 steps, 350 held-out prompts: learned reward 7.146 -> 7.151 / 7.153
@@ -288,15 +399,23 @@ class PPOConfig:
     # model samples at temperature 1, drawn afresh for each ptx batch) or "reference" (its greedy replies). With a
     # model that reads the questions, sampled targets are mostly wrong answers and teach it to guess; the data's
     # right answers keep what SFT taught (measured in docs/results.md).
-    ptx_targets: str = "data"
+    ptx_targets: Literal["data", "reference", "sampled"] = "data"
+
+    SECTION: ClassVar[str] = "ppo"
+    RANGES: ClassVar[dict[str, Range]] = {
+        **dict.fromkeys(["clip_eps", "value_clip_eps", "temperature", "max_kl"], POSITIVE),
+        "gamma": FRACTION, "gae_lambda": FRACTION,
+        **dict.fromkeys(["kl_coef", "kl_target", "verifier_weight", "value_coef", "eval_samples", "ptx_coef",
+                         "ptx_batch"], AT_LEAST_0),
+        # ppo_epochs 0 would draw rollouts forever without one update
+        **dict.fromkeys(["kl_horizon", "ppo_epochs", "rollout_batch", "max_new_tokens", "eval_prompts"], AT_LEAST_1),
+    }
 
     def __post_init__(self) -> None:
-        if self.train_prompts not in ("all", "chat"):
-            raise ConfigError(f"--ppo.train_prompts must be all or chat, got {self.train_prompts!r}")
-        if self.ptx_targets not in ("data", "reference", "sampled"):
-            raise ConfigError(f"--ppo.ptx_targets must be data, reference or sampled, got {self.ptx_targets!r}")
-        if self.kl_target < 0 or self.kl_horizon <= 0:
-            raise ConfigError(f"--ppo.kl_target must be >= 0 and --ppo.kl_horizon > 0, got {self.kl_target} and {self.kl_horizon}")
+        check_fields(self)
+        if self.ptx_coef and not self.ptx_batch:
+            raise ConfigError(f"--ppo.ptx_batch={self.ptx_batch} with --ppo.ptx_coef={self.ptx_coef}: the SFT term "
+                              "needs ptx_batch >= 1 conversations (or set ptx_coef=0)")
 
 
 @dataclass
@@ -317,7 +436,7 @@ class GRPOConfig:
     epochs: int = 1  # policy updates per rollout batch
     # How token terms are averaged in the loss (losses.grpo_loss): "reply" (the paper), "token" (DAPO),
     # "constant" (Dr. GRPO). "reply" pushes short right replies harder and truncates multi-digit answers.
-    loss_norm: str = "reply"
+    loss_norm: Literal["reply", "token", "constant"] = "reply"
     scale_advantages: bool = True  # divide by the group's std (the paper); False = Dr. GRPO's r - mean(r)
     max_draws: int = 4  # dynamic sampling (DAPO): redraw until prompts_per_step groups have signal, at most this often
     eval_tasks: int = 480  # held-out verifiable tasks for pass@1 (the whole tasks_val split)
@@ -336,27 +455,37 @@ class GRPOConfig:
     ptx_coef: float = 0.0
     ptx_batch: int = 8
 
+    SECTION: ClassVar[str] = "grpo"
+    RANGES: ClassVar[dict[str, Range]] = {
+        "group_size": Range(2),  # advantages compare the replies of one group
+        # epochs 0 would draw rollouts forever without one update
+        **dict.fromkeys(["prompts_per_step", "max_new_tokens", "epochs", "max_draws", "eval_tasks"], AT_LEAST_1),
+        **dict.fromkeys(["clip_eps", "temperature", "curriculum_floor"], POSITIVE),
+        **dict.fromkeys(["kl_coef", "correct_weight", "format_weight", "eval_samples", "sampled_eval_tasks",
+                         "ptx_coef", "ptx_batch"], AT_LEAST_0),
+        "curriculum_decay": UNIT_OPEN,
+    }
+
     def __post_init__(self) -> None:
-        if self.loss_norm not in ("reply", "token", "constant"):
-            raise ConfigError(f"--grpo.loss_norm must be reply, token or constant, got {self.loss_norm!r}")
-        if self.correct_weight < 0 or self.format_weight < 0 or self.correct_weight + self.format_weight == 0:
-            raise ConfigError("--grpo.correct_weight and --grpo.format_weight must be >= 0, and one of them > 0 "
-                              f"(a reward of 0 teaches nothing), got {self.correct_weight} and {self.format_weight}")
-        if self.group_size < 2:
-            raise ConfigError(f"--grpo.group_size must be at least 2 (advantages compare replies), got {self.group_size}")
-        if self.eval_samples < 0 or self.sampled_eval_tasks < 0:
-            raise ConfigError("--grpo.eval_samples and --grpo.sampled_eval_tasks must be >= 0 (0 turns sampled pass@1 off)")
-        if not 0 <= self.curriculum_decay < 1:
-            raise ConfigError(f"--grpo.curriculum_decay must be in [0, 1), got {self.curriculum_decay}")
-        if self.curriculum_floor <= 0:
-            raise ConfigError(f"--grpo.curriculum_floor must be positive (a zero weight starves a family), "
-                              f"got {self.curriculum_floor}")
+        check_fields(self)
+        if self.ptx_coef and not self.ptx_batch:
+            raise ConfigError(f"--grpo.ptx_batch={self.ptx_batch} with --grpo.ptx_coef={self.ptx_coef}: the SFT term "
+                              "needs ptx_batch >= 1 conversations (or set ptx_coef=0)")
+        if self.correct_weight + self.format_weight == 0:
+            raise ConfigError(f"--grpo.correct_weight={self.correct_weight} with --grpo.format_weight="
+                              f"{self.format_weight}: one of them must be > 0 (a reward of 0 teaches nothing)")
 
 
 @dataclass
 class DistillConfig:
     alpha: float = 0.5  # weight of the hard-label CE; 1 - alpha goes to the KL to the teacher
     temperature: float = 2.0
+
+    SECTION: ClassVar[str] = "distill"
+    RANGES: ClassVar[dict[str, Range]] = {"alpha": FRACTION, "temperature": POSITIVE}
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 C = TypeVar("C")
@@ -381,11 +510,18 @@ def _coerce(value: str, annotation: Any, flag: str) -> Any:
                 return False
             raise ValueError(value)
         if annotation is int:
-            return int(float(value)) if "e" in value.lower() else int(value)
+            if "e" not in value.lower():
+                return int(value)
+            number = float(value)  # 1e5 is an integer; 2.5e0 is not and must not be truncated silently
+            if not number.is_integer():
+                raise ValueError(value)
+            if abs(number) > MAX_INT:  # named as typed, not as its 31 digits
+                raise ConfigError(f"--{flag}={value!r} is out of range: allowed at most {MAX_INT}")
+            return int(number)
         if annotation is float:
             return float(value)
         return str(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # int("1e400") overflows
         raise ConfigError(f"--{flag}={value!r}: expected a value of type {getattr(annotation, '__name__', annotation)}") from None
 
 

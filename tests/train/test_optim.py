@@ -66,7 +66,7 @@ def test_muon_takes_the_hidden_matrices_only() -> None:
     assert names and all(".layers." in f".{name}" for name in names)
     assert all(model.get_parameter(name).dim() == 2 for name in names)
     assert not any("embed_tokens" in name or "norm" in name for name in names)
-    with pytest.raises(ConfigError, match="--optim.muon_lr must be >= 0"):
+    with pytest.raises(ConfigError, match="--optim.muon_lr=-1 is out of range: allowed >= 0"):
         OptimConfig(muon_lr=-1)
 
 

@@ -261,7 +261,7 @@ def test_ppo_ptx_reference_targets_replace_task_replies_with_the_reference_model
         assert after["messages"][-1]["content"] == (text if task and ended else before["messages"][-1]["content"])
         replaced += task and ended
     assert replaced > 0
-    with pytest.raises(ConfigError, match="data, reference or sampled"):
+    with pytest.raises(ConfigError, match="allowed values are data, reference, sampled"):
         PPOConfig(ptx_targets="teacher")
     # The stage generates these targets for the conversations of each drawn PPO-ptx batch only.
     stage = ppo.PPOStage(tok, model, ScalarModel(model), [], [],
@@ -419,7 +419,7 @@ def test_grpo_verifiers_are_selected_by_their_weights() -> None:
     assert format_only(right_on_two_lines, task) == 0.0 and format_only(wrong_but_tidy, task) == 1.0
     both = grpo.verifier_reward(GRPOConfig(correct_weight=1.0, format_weight=0.5))
     assert both("The answer is 42.", task) == 1.5 and both(wrong_but_tidy, task) == 0.5
-    with pytest.raises(ConfigError, match="one of them > 0"):
+    with pytest.raises(ConfigError, match="one of them must be > 0"):
         GRPOConfig(correct_weight=0.0, format_weight=0.0)
 
 
