@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from scratchllm.config import ModelConfig, from_dict
 from scratchllm.model.gpt import GPT
 from scratchllm.tokenizer.bpe import Tokenizer
-from scratchllm.train.checkpoint import CheckpointError, save_model
+from scratchllm.train.checkpoint import CheckpointError, check_tokenizer, read_tensors, save_model
 
 
 def last_real_index(lengths: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
@@ -89,9 +88,12 @@ def load_scalar_model(
         raise CheckpointError(f'{directory}: not a reward/value model (config.json lacks "head": "scalar"); '
                               "load a plain GPT with train/checkpoint.py:load_model")
     model = ScalarModel(GPT(from_dict(ModelConfig, config["model"])))
-    missing, unexpected = model.load_state_dict(load_file(str(weights_path)), strict=False)
+    missing, unexpected = model.load_state_dict(read_tensors(weights_path), strict=False)
     allowed_missing = {"trunk.lm_head.weight"} if model.config.tie_embeddings else set()
     if unexpected or set(missing) - allowed_missing:
         raise CheckpointError(f"{directory}: weights do not match the config (missing {missing}, unexpected {unexpected})")
     tokenizer_path = directory / "tokenizer.json"
-    return model.to(device).eval(), Tokenizer.load(tokenizer_path) if tokenizer_path.exists() else None
+    tokenizer = Tokenizer.load(tokenizer_path) if tokenizer_path.exists() else None
+    if tokenizer is not None:
+        check_tokenizer(directory, model.config, tokenizer, config)
+    return model.to(device).eval(), tokenizer

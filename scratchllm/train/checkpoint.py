@@ -4,11 +4,13 @@ A *model directory* (`final/`, or anything `load_model` reads) holds `model.safe
 `tokenizer.json`. A *training checkpoint* (`checkpoints/step_XXXXXX/`) adds the optimizer state, the step,
 RNG states and the stage's data position, so `--resume` continues bit for bit. Every write goes to a
 temporary directory that is renamed into place (minimind's pattern), so a killed run leaves the last
-checkpoint loadable.
+checkpoint loadable. A training checkpoint's `manifest.json` (written last, before the rename) records every
+file's size and SHA-256: resume takes the newest checkpoint that still matches it and says which it skipped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -22,13 +24,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from scratchllm.config import ModelConfig, from_dict
+from scratchllm.errors import UserError
 from scratchllm.model.gpt import GPT
 from scratchllm.tokenizer.bpe import Tokenizer
 
 CHECKPOINT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, incomplete or from an incompatible version."""
 
 
@@ -51,6 +54,17 @@ def _commit_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors (no code is ever executed); an unreadable file is a CheckpointError naming it."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises SafetensorError / OSError variants; a bare one names no file
+        raise CheckpointError(f"{path}: unreadable safetensors file ({err}); it may be truncated by a full disk or "
+                              "an interrupted copy: use an earlier checkpoint or copy it again") from None
+
+
 def tied_names(model: nn.Module) -> set[str]:
     """State-dict names whose tensor is shared with an earlier name (tied embeddings): saved once, re-tied on load."""
     seen: set[int] = set()
@@ -70,16 +84,21 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def write_model_files(directory: Path, model: GPT, tokenizer: Tokenizer | None, sections: dict[str, Any]) -> None:
     save_file(model_tensors(model), str(directory / "model.safetensors"))
-    _write_config(directory, model, sections)
+    _write_config(directory, model, sections, tokenizer)
     if tokenizer is not None:
         tokenizer.save(directory / "tokenizer.json")
 
 
-def _write_config(directory: Path, model: nn.Module | None, sections: dict[str, Any]) -> None:
-    """config.json: the resolved sections, and the model's own config when a model is given."""
+def _write_config(directory: Path, model: nn.Module | None, sections: dict[str, Any],
+                  tokenizer: Tokenizer | None = None) -> None:
+    """config.json: the resolved sections, the model's own config when a model is given, and what identifies the
+    tokenizer saved beside it (checked by `check_tokenizer` when loaded)."""
     meta = {"format_version": CHECKPOINT_VERSION, **sections}
     if model is not None:
         meta["model"] = _model_config_dict(model)
+    if tokenizer is not None:
+        meta["tokenizer"] = {"fingerprint": tokenizer.fingerprint(), "vocab_size": tokenizer.vocab_size,
+                             "special_tokens": tokenizer.special_tokens}
     (directory / "config.json").write_text(json.dumps(meta, indent=2, default=str))
 
 
@@ -108,13 +127,33 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     if config.get("format_version", 1) > CHECKPOINT_VERSION:
         raise CheckpointError(f"{path}: written by a newer scratchllm (format {config['format_version']})")
     model = GPT(from_dict(ModelConfig, config["model"]))
-    state = load_file(str(weights_path))  # safetensors: tensors only, no code is ever executed
+    state = read_tensors(weights_path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed_missing = {"lm_head.weight"} if model.config.tie_embeddings else set()
     if unexpected or set(missing) - allowed_missing:
         raise CheckpointError(f"{path}: weights do not match the config (missing {missing}, unexpected {unexpected})")
     tokenizer = Tokenizer.load(path / "tokenizer.json")
+    check_tokenizer(path, model.config, tokenizer, config)
     return model.to(device).eval(), tokenizer, config
+
+
+def check_tokenizer(path: Path, model_config: ModelConfig, tokenizer: Tokenizer, config: dict[str, Any]) -> None:
+    """Refuse a tokenizer.json that does not belong to the weights beside it: its ids must index the embedding,
+    and it must be the tokenizer recorded in config.json when the model was saved (older saves record none).
+
+    A smaller tokenizer from another run loads and generates mojibake; a larger one fails deep in the embedding."""
+    fix = "put the tokenizer.json the model was trained with beside it"
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer.json has {tokenizer.vocab_size} tokens but the model's vocabulary "
+                              f"has {model_config.vocab_size}: its ids would index past the embedding; {fix}")
+    recorded = config.get("tokenizer")
+    if not isinstance(recorded, dict):
+        return
+    for key, now in (("vocab_size", tokenizer.vocab_size), ("special_tokens", tokenizer.special_tokens),
+                     ("fingerprint", tokenizer.fingerprint())):
+        if key in recorded and recorded[key] != now:
+            raise CheckpointError(f"{path}: tokenizer.json is not the tokenizer this model was saved with ({key} "
+                                  f"{now} here, {recorded[key]} in config.json); {fix}")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -202,6 +241,100 @@ def save_training_checkpoint(
     return _commit_checkpoint(tmp, final, {"step": step, "optimizer": opt_meta, **loop_state}, rng, keep)
 
 
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_manifest(directory: Path) -> None:
+    """Size and SHA-256 of every file below `directory` (about a second per GB), so a checkpoint truncated or
+    altered after its commit is recognised instead of resumed from."""
+    files = sorted(f for f in directory.rglob("*") if f.is_file() and f.name != MANIFEST)
+    listing = {f.relative_to(directory).as_posix(): {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files}
+    (directory / MANIFEST).write_text(json.dumps({"files": listing}, indent=1))
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` cannot be resumed from (missing, unfinished, a file changed since its commit), or None."""
+    if not path.is_dir():
+        return "missing"
+    if not (path / "state.json").is_file():
+        return "no state.json (not a finished checkpoint)"
+    if not (path / MANIFEST).is_file():  # written before manifests existed: the files' presence is all we know
+        weights = path / SHARDS_DIR if (path / SHARDS_DIR).is_dir() else path / "model.safetensors"
+        missing = [p.name for p in (weights, path / "rng.safetensors") if not p.exists()]
+        return f"missing {', '.join(missing)}" if missing else None
+    try:
+        listing = json.loads((path / MANIFEST).read_text())["files"]
+    except (ValueError, KeyError) as err:
+        return f"unreadable {MANIFEST} ({err})"
+    for name, expected in listing.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != expected["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes, {expected['bytes']} when written (truncated?)"
+        if _sha256(file) != expected["sha256"]:
+            return f"{name} does not match its checksum (changed after it was written)"
+    return None
+
+
+def _step_dirs(checkpoints_dir: Path) -> list[Path]:
+    """Committed `step_XXXXXX` folders, newest first (not the `.tmp` / `.old` of an unfinished write)."""
+    if not checkpoints_dir.is_dir():
+        return []
+    dirs = [p for p in checkpoints_dir.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(dirs, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def find_resumable(checkpoints_dir: Path) -> tuple[Path | None, list[str]]:
+    """(newest checkpoint that verifies, or None; one note per newer checkpoint skipped and why).
+
+    The step number orders them, not the `latest` pointer: a pointer to a folder deleted by hand (or not yet
+    updated when a save was killed) must neither hide good checkpoints nor make resume start over."""
+    notes = []
+    pointer = checkpoints_dir / "latest"
+    if pointer.is_file() and not (checkpoints_dir / pointer.read_text().strip()).is_dir():
+        notes.append(f"{pointer} names {pointer.read_text().strip()}, which does not exist")
+    for path in _step_dirs(checkpoints_dir):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, notes
+        notes.append(f"skipped {path.name}: {problem}")
+    return None, notes
+
+
+def _point_latest(checkpoints_dir: Path, name: str) -> None:
+    pointer_tmp = checkpoints_dir / "latest.tmp"
+    pointer_tmp.write_text(name)
+    os.replace(pointer_tmp, checkpoints_dir / "latest")
+
+
+def reject_checkpoint(checkpoints_dir: Path, step: int) -> Path | None:
+    """Move the checkpoint of `step` (weights the run has just found unsound) to `rejected/`, so resume never
+    picks it; point `latest` at the newest one left. Returns where it went, or None if there was none."""
+    path = checkpoints_dir / f"step_{step:06d}"
+    if not path.is_dir():
+        return None
+    target = checkpoints_dir / "rejected" / path.name
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(exist_ok=True)
+    os.replace(path, target)
+    newest, _ = find_resumable(checkpoints_dir)
+    if newest is not None:
+        _point_latest(checkpoints_dir, newest.name)
+    else:
+        (checkpoints_dir / "latest").unlink(missing_ok=True)
+    return target
+
+
 def _commit_checkpoint(tmp: Path, final: Path, state: dict[str, Any], rng: tuple[dict[str, torch.Tensor], dict[str, Any]] | None,
                        keep: int) -> Path:
     """Add the RNG and state.json to a filled `tmp`, rename it to `final`, point `latest` at it, prune old ones."""
@@ -210,22 +343,49 @@ def _commit_checkpoint(tmp: Path, final: Path, state: dict[str, Any], rng: tuple
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     state = {"version": CHECKPOINT_VERSION, **state, "rng": rng_meta}
     (tmp / "state.json").write_text(json.dumps(state, default=str))
+    _write_manifest(tmp)
     _commit_dir(tmp, final)
-    pointer_tmp = checkpoints_dir / "latest.tmp"
-    pointer_tmp.write_text(final.name)
-    os.replace(pointer_tmp, checkpoints_dir / "latest")
-    for old in sorted(checkpoints_dir.glob("step_*"))[:-keep] if keep > 0 else []:
-        if old.suffix not in (".tmp", ".old"):
-            shutil.rmtree(old, ignore_errors=True)
+    _point_latest(checkpoints_dir, final.name)
+    for old in _step_dirs(checkpoints_dir)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
-    pointer = checkpoints_dir / "latest"
-    if not pointer.exists():
+# What a training run writes into its stage folder; a run that starts over moves these aside (caches stay).
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "final", "summary.json")
+
+
+def set_aside_earlier_run(run_dir: Path) -> Path | None:
+    """Move an earlier run's outputs in `run_dir` to `run_dir/earlier-N/` before a run that starts over, so its
+    checkpoints and metrics are never overwritten or mixed with the new ones. Returns the folder, or None."""
+    present = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if not present:
         return None
-    path = checkpoints_dir / pointer.read_text().strip()
-    return path if (path / "state.json").exists() else None
+    n = 1
+    while (run_dir / f"earlier-{n}").exists():
+        n += 1
+    target = run_dir / f"earlier-{n}"
+    target.mkdir()
+    for path in present:
+        os.replace(path, target / path.name)
+    return target
+
+
+def resume_point(checkpoints_dir: Path) -> tuple[Path, list[str]]:
+    """The checkpoint `--resume` continues from, with notes on newer ones it skipped; CheckpointError when there is
+    none, saying what was found and how to go on (a resume that silently started over would overwrite the run)."""
+    path, notes = find_resumable(checkpoints_dir)
+    if path is not None:
+        return path, notes
+    found = "; ".join(notes) if notes else ("an empty folder" if checkpoints_dir.is_dir() else "no such folder")
+    raise CheckpointError(f"--resume: no checkpoint to continue from in {checkpoints_dir} (found: {found}). Check "
+                          "--run-dir (and the stage), or run without --resume to start over: the earlier run's "
+                          "files are then moved to earlier-N/, not overwritten")
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The newest checkpoint in `checkpoints_dir` that verifies against its manifest (find_resumable), or None."""
+    return find_resumable(checkpoints_dir)[0]
 
 
 def read_training_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
@@ -233,9 +393,9 @@ def read_training_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[
     state = json.loads((path / "state.json").read_text())
     if state.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path}: checkpoint version {state.get('version')} cannot be resumed by this build")
-    optimizer_state = _optimizer_from_files(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
-    set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
-    return load_file(str(path / "model.safetensors")), optimizer_state, state
+    optimizer_state = _optimizer_from_files(read_tensors(path / "optimizer.safetensors"), state["optimizer"])
+    set_rng_state(read_tensors(path / "rng.safetensors"), state["rng"])
+    return read_tensors(path / "model.safetensors"), optimizer_state, state
 
 
 def load_training_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -306,7 +466,7 @@ def save_sharded_checkpoint(
     flat, _, optim_state = _flat_state(model, optimizer)
     dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDS_DIR), save_distributed=True))
     if dist.is_main():
-        _write_config(tmp, unwrap(model) if isinstance(unwrap(model), GPT) else None, config_sections)
+        _write_config(tmp, unwrap(model) if isinstance(unwrap(model), GPT) else None, config_sections, tokenizer)
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer.json")
         state = {"step": step, "sharded": True, "optimizer": {"param_groups": optim_state["param_groups"]}, **loop_state}
@@ -341,5 +501,5 @@ def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim
     # strict=False: the tied lm_head.weight is restored through the embedding it shares
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
                    options=StateDictOptions(strict=False))
-    set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
+    set_rng_state(read_tensors(path / "rng.safetensors"), state["rng"])
     return state

@@ -2,8 +2,8 @@
 
 A stage supplies data (`batches`), a loss and its held-out metric (`evaluate`); the loop owns everything
 else: device and autocast, accumulation (DDP sync on the last micro-step only), clipping, the schedule,
-skipping non-finite steps, progress bar, TensorBoard + metrics.jsonl, evaluation, atomic checkpoints and
-exact resume. It never names a stage.
+skipping non-finite steps and loss spikes (train/spike_guard.py), progress bar, TensorBoard + metrics.jsonl,
+evaluation, atomic checkpoints and exact resume. It never names a stage.
 """
 
 from __future__ import annotations
@@ -22,24 +22,28 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from scratchllm.config import LoopConfig, OptimConfig
+from scratchllm.errors import UserError
 from scratchllm.model.moe import moe_aux_loss
 from scratchllm.train import distributed as dist
 from scratchllm.train.checkpoint import (
     is_sharded_checkpoint,
-    latest_checkpoint,
     load_sharded_checkpoint,
     load_training_checkpoint,
     read_training_checkpoint,
+    reject_checkpoint,
+    resume_point,
     rng_state,
     save_sharded_checkpoint,
     save_training_checkpoint,
+    set_aside_earlier_run,
     unwrap,
 )
 from scratchllm.train.optim import build_optimizer, lr_at
+from scratchllm.train.spike_guard import SpikeGuard
 
 
-class TrainingDiverged(RuntimeError):
-    """Too many non-finite steps in a row: the run stops instead of writing NaNs into the weights."""
+class TrainingDiverged(UserError, RuntimeError):
+    """Too many non-finite or spiking steps in a row: the run stops instead of writing them into the weights."""
 
 
 @runtime_checkable
@@ -88,20 +92,34 @@ def _split(batch: dict[str, Any], n: int) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    """metrics.jsonl + TensorBoard, written by rank 0 only."""
+    """metrics.jsonl + TensorBoard, written by rank 0 only.
 
-    def __init__(self, stage_dir: Path) -> None:
+    `resumed_at`: the step a resumed run continues from; rows logged after it by the interrupted run are dropped,
+    since the resumed run logs those steps again (no duplicate rows)."""
+
+    def __init__(self, stage_dir: Path, resumed_at: int | None = None) -> None:
         self.enabled = dist.is_main()
         self.path = stage_dir / "metrics.jsonl"
         self.writer = None
         if self.enabled:
             stage_dir.mkdir(parents=True, exist_ok=True)
+            if resumed_at is not None and self.path.exists():
+                self._truncate(resumed_at)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(stage_dir / "tensorboard"))
+                purge = None if resumed_at is None else resumed_at + 1  # TensorBoard's own truncation
+                self.writer = SummaryWriter(str(stage_dir / "tensorboard"), purge_step=purge)
             except ImportError:  # TensorBoard is optional; metrics.jsonl is always written
                 self.writer = None
+
+    def _truncate(self, step: int) -> None:
+        lines = self.path.read_text().splitlines()
+        # subtle: a line cut short by a kill is dropped too; it is the last one and belongs to a replayed step
+        kept = [line for line in lines if line.endswith("}") and json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
 
     def write(self, step: int, split: str, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -113,6 +131,12 @@ class MetricsLog:
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self.writer.add_scalar(f"{split}/{key}", value, step)
             self.writer.flush()
+
+
+def _rejected(checkpoints: Path, step: int) -> str:
+    """Move aside a checkpoint holding the weights that just diverged (written at this very step); say so."""
+    moved = reject_checkpoint(checkpoints, step) if dist.is_main() else None
+    return f" The checkpoint of step {step} holds these weights: moved to {moved}." if moved else ""
 
 
 def train(
@@ -149,9 +173,14 @@ def train(
     optimizer = build_optimizer(named, optim, device)
     sections = config_sections or {}
     checkpoints = run_dir / "checkpoints"
-    log = MetricsLog(run_dir)
     step, skipped, train_seconds = 0, 0, 0.0
-    if resume and (ckpt := latest_checkpoint(checkpoints)) is not None:
+    guard = SpikeGuard(loop.spike_factor)
+    if not resume and dist.is_main() and (moved := set_aside_earlier_run(run_dir)) is not None:
+        print(f"[{stage.name}] starting over: moved the earlier run's files to {moved} (--resume continues a run)")
+    if resume:  # refuses (CheckpointError) when nothing verifies, rather than silently start over
+        ckpt, notes = resume_point(checkpoints)
+        for note in notes:
+            print(f"[{stage.name}] {note}")
         if is_sharded_checkpoint(ckpt):  # written by any number of processes; read as this run is sharded
             state = load_sharded_checkpoint(ckpt, model, optimizer)
         elif fsdp:
@@ -160,9 +189,13 @@ def train(
         else:
             state = load_training_checkpoint(ckpt, model, optimizer)
         step, skipped, train_seconds = state["step"], state.get("skipped", 0), state.get("train_seconds", 0.0)
+        if "spike_guard" in state:
+            guard.load_state_dict(state["spike_guard"])
         if hasattr(stage, "load_state_dict") and "stage" in state:  # from any number of processes
             stage.load_state_dict(dist.rescale_position(state["stage"], state.get("data_world_size", dist.world_size())))
-        print(f"[{stage.name}] resumed from {ckpt} at step {step}")
+        print(f"[{stage.name}] resumed from {ckpt} at step {step}"
+              + (" (the newest checkpoint that verifies)" if notes else ""))
+    log = MetricsLog(run_dir, resumed_at=step if resume else None)
     compile_errors: tuple[type[Exception], ...] = ()  # answered by eager mode until a compiled micro-step succeeds
     if loop.compile:
         try:
@@ -183,7 +216,8 @@ def train(
 
     def checkpoint(final: bool = False) -> None:
         stage_state, rng = step_start or snapshot()
-        loop_state = {"skipped": skipped, "train_seconds": train_seconds, "data_world_size": dist.world_size()}
+        loop_state = {"skipped": skipped, "train_seconds": train_seconds, "data_world_size": dist.world_size(),
+                      "spike_guard": guard.state_dict()}
         if stage_state is not None:
             loop_state["stage"] = stage_state
         if loop.sharded_checkpoint:  # every rank writes its own shards; final/ below still needs the gather
@@ -281,20 +315,25 @@ def train(
                           f"{loop.grad_accum_steps * splits} accumulation steps from now on (same batch per step)")
                     log.write(step, "train", {"micro_batch_size": rows // splits,
                                               "grad_accum_steps": loop.grad_accum_steps * splits})
+            loss_sum = dist.all_reduce_mean(loss_sum, device)  # the global mean: every rank logs and decides alike
             clip = optim.grad_clip if optim.grad_clip > 0 else float("inf")
             grad_norm = dist.clip_grad_norm(params, clip)
-            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+            finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
+            spike = guard.check(loss_sum, grad_norm) if finite else None
+            if not finite or spike:
                 optimizer.zero_grad(set_to_none=True)  # the bad step never reaches the weights
                 skipped += 1
                 bad_streak += 1
-                log.write(step, "train", {"skipped_nonfinite": skipped})
-                if bad_streak >= loop.max_bad_steps:
-                    raise TrainingDiverged(
-                        f"[{stage.name}] {bad_streak} non-finite steps in a row at step {step} (loss={loss_sum}, "
-                        f"grad_norm={grad_norm}). Try a lower --optim.lr, --loop.dtype=float32, or check the data."
-                    )
+                log.write(step, "train", {"skipped_spike" if spike else "skipped_nonfinite": skipped})
+                if bad_streak >= loop.max_bad_steps or (spike and loop.spike_action == "stop"):
+                    why = (f"loss spike ({spike}; --loop.spike_factor={loop.spike_factor:g}, 0 turns the guard off)"
+                           if spike else f"non-finite step (loss={loss_sum}, grad_norm={grad_norm})")
+                    raise TrainingDiverged(f"[{stage.name}] {bad_streak} bad step(s) in a row at step {step}, the last a "
+                                           f"{why}. Try a lower --optim.lr, a longer --optim.warmup_steps, "
+                                           f"--loop.dtype=float32, or check the data.{_rejected(checkpoints, step)}")
                 continue
             bad_streak = 0
+            guard.accept(loss_sum, grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step, step_start = step + 1, None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 import textwrap
@@ -174,7 +175,7 @@ def test_compile_error_at_the_first_step_falls_back_to_eager(tmp_path: Path, mon
 
 
 def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path: Path) -> None:
-    model = _model()
+    model = GPT(model_preset("tiny", vocab_size=260))  # the vocabulary of the tokenizer saved beside it below
     train(model, ToyLM(8), OPTIM, dataclasses.replace(LOOP, max_steps=2), tmp_path)
     final = tmp_path / "final"
     from scratchllm.tokenizer.bpe import Tokenizer
@@ -243,6 +244,10 @@ def test_two_process_ddp_equals_one_process_with_double_accumulation(tmp_path: P
     for name, param in single.state_dict().items():
         if name in ddp:
             assert torch.allclose(param, ddp[name], atol=1e-5), name
+    # the logged loss is the mean over both ranks' batches, as the single process's over its two micro-batches
+    logged = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+               if '"loss"' in line] for run in ("r0", "single")]
+    assert logged[0] and logged[0] == pytest.approx(logged[1], abs=1e-5)
 
 
 FSDP_SCRIPT = """

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from scratchllm.config import (
-    ConfigError,
     LoopConfig,
     LoRAConfig,
     OptimConfig,
@@ -26,6 +25,7 @@ from scratchllm.config import (
     save_json,
     to_dict,
 )
+from scratchllm.train.checkpoint import resume_point
 
 
 def seed_everything(seed: int) -> None:
@@ -81,12 +81,12 @@ def stage_main(
     kwargs = {k: v for k, v in vars(args).items() if k not in passed}
     if args.data_dir is not None:
         kwargs["data_dir"] = args.data_dir
-    try:
-        if needs_init:
-            summary = run(args.run_dir, args.init, overrides=overrides, resume=args.resume, **kwargs)
-        else:
-            summary = run(args.run_dir, overrides=overrides, resume=args.resume, **kwargs)
-    except ConfigError as err:
-        parser.error(str(err))
+    if args.resume:  # before any data is read: a mistyped --run-dir is refused at once (CheckpointError)
+        resume_point(args.run_dir / prog / "checkpoints")
+    # a ConfigError (or any other UserError) reaches scratchllm/__main__.py, the one place that prints it
+    if needs_init:
+        summary = run(args.run_dir, args.init, overrides=overrides, resume=args.resume, **kwargs)
+    else:
+        summary = run(args.run_dir, overrides=overrides, resume=args.resume, **kwargs)
     print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))}, indent=2))
     return 0
