@@ -1,13 +1,18 @@
 """`scratchllm <command>` / `python -m scratchllm <command>`: one entry point for every stage and tool.
 
 Each command lives in its own module as `main(argv: list[str]) -> int`; this file only dispatches,
-importing lazily so `scratchllm --help` stays instant.
+importing lazily so `scratchllm --help` stays instant. It is also the one place where the project's own errors
+(`errors.UserError`: a bad setting, data file, checkpoint or tokenizer) become one line on stderr and exit code 2;
+`--debug` anywhere on the command line shows their traceback instead. Ctrl-C exits with 130, after the training
+loop has saved its checkpoint, without a KeyboardInterrupt traceback.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+
+from scratchllm.errors import UserError
 
 # command -> (module, one-line help). Order follows the data flow.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -52,8 +57,22 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"scratchllm: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    debug = "--debug" in rest
+    rest = [arg for arg in rest if arg != "--debug"]
     module = importlib.import_module(COMMANDS[command][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except UserError as err:
+        if debug:
+            raise
+        message = " ".join(str(err).split())  # one line, whatever the message's own layout
+        print(f"scratchllm {command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"\nscratchllm {command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from scratchllm.config import TokenizerConfig, save_json
+from scratchllm.errors import UserError
 
 STAGES = ["tokenizer", "pretrain", "sft", "reward", "dpo", "ppo", "grpo", "report"]
 
 
-class PipelineError(RuntimeError):
+class PipelineError(UserError, RuntimeError):
     """A stage could not run because an earlier artefact is missing or stale."""
 
 

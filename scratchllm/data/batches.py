@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from scratchllm.data.shards import ShardSet
+from scratchllm.data.shards import ShardError, ShardSet
 
 
 class LMWindows:
@@ -29,7 +29,8 @@ class LMWindows:
         self.first_start = np.concatenate([[0], np.cumsum(np.maximum(sizes - seq_len - 1, 0))])
         self.n_tokens = int(sizes.sum())
         if self.first_start[-1] <= 0:
-            raise ValueError(f"shard has {sizes.max()} tokens, fewer than one window of {seq_len + 1}")
+            raise ShardError(f"the text has {sizes.max()} tokens, fewer than one window of --loop.seq_len + 1 = "
+                             f"{seq_len + 1}: add text or lower --loop.seq_len")
         self.position = 0  # global batches consumed so far (the resumable state)
 
     def draws(self, index: int) -> list[tuple[int, int]]:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, overload
 
-from scratchllm.data.sources import DataFormatError, iter_rows
+from scratchllm.data.sources import DataFormatError, bundled, iter_rows
 
 ROLES = ("system", "user", "assistant")
 VERIFIER_NAMES = ("math", "exact")  # must equal train/rewards.VERIFIERS (a test checks it)
@@ -82,7 +82,7 @@ def normalize_task(record: Record, where: str) -> Record:
 
 def resolve_record_file(path: str | Path) -> Path:
     """`path` if it exists, else the one file with the same stem and the other record suffix (x.jsonl -> x.parquet)."""
-    path = Path(path)
+    path = bundled(path)
     if path.is_file():
         return path
     others = [path.with_suffix(s) for s in RECORD_SUFFIXES if path.with_suffix(s) != path and path.with_suffix(s).is_file()]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 
 from scratchllm.data import sources
 from scratchllm.data.sources import iter_text_documents
+from scratchllm.errors import UserError
 from scratchllm.tokenizer.bpe import Tokenizer
 
 # The .txt reading moved to data/sources.py (one reader per file format); these names stay for existing callers.
@@ -32,7 +34,7 @@ MAGIC = "scratchllm-shard"
 VERSION = 1
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard file is unreadable or does not belong to this tokenizer."""
 
 
@@ -53,11 +55,25 @@ def build_shard(files: list[Path], tokenizer: Tokenizer, out: Path, num_workers:
     <|endoftext|>. `data` (sources.data_fingerprint of the files) goes into the header for cache checks."""
     docs: list[str] = []
     for path in files:
+        before = len(docs)
         docs.extend(iter_text_documents(path))
+        _warn_if_empty(path, len(docs) - before)
+    _refuse_no_text(files, len(docs))
     encoded = tokenizer.encode_batch(docs, num_workers=num_workers)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_shard(out, *_shard_array(encoded, docs, tokenizer, [p.name for p in files], data))
     return out
+
+
+def _warn_if_empty(path: Path, n_docs: int) -> None:
+    if not n_docs:
+        print(f"warning: {path}: no text in this file (empty or whitespace only); skipped", file=sys.stderr)
+
+
+def _refuse_no_text(files: Sequence[Path], n_docs: int) -> None:
+    if not n_docs:
+        raise ShardError(f"{', '.join(map(str, files))}: no text in any of these files (empty?); a split needs at "
+                         "least one document")
 
 
 def _shard_array(encoded: list[list[int]], docs: list[str], tokenizer: Tokenizer,
@@ -117,17 +133,22 @@ def build_shards(files: list[Path], tokenizer: Tokenizer, out_dir: Path, shard_t
             if not held_files or held_files[-1] != name:
                 held_files.append(name)
 
+    total_docs = 0
     for path in files:
         batch: list[str] = []
-        n_chars = 0
+        n_chars = n_docs = 0
         for doc in iter_text_documents(path):
             batch.append(doc)
             n_chars += len(doc)
+            n_docs += 1
             if n_chars >= batch_chars:
                 add(batch, path.name)
                 batch, n_chars = [], 0
         if batch:
             add(batch, path.name)
+        _warn_if_empty(path, n_docs)
+        total_docs += n_docs
+    _refuse_no_text(files, total_docs)
     if held_ids:
         flush()
     return paths

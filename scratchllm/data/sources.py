@@ -15,14 +15,27 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from scratchllm.errors import UserError
+
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 RECORD_SUFFIXES = (".jsonl", ".parquet")
 DOC_SEPARATOR = "\n\n\n"  # corpus/README.md: documents in a .txt file are separated by three newlines
 PARQUET_BATCH_ROWS = 1024
+CHECKOUT = Path(__file__).resolve().parents[2]  # the bundled corpus/ sits beside scratchllm/ in a checkout
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError, ValueError):
     """A data file or record is malformed; the message names file:row, the field and the fix."""
+
+
+def bundled(path: str | Path) -> Path:
+    """`path`, or, for a default like `corpus/pretrain` that does not exist from the working directory, the
+    bundled corpus of this checkout: stage defaults then work from any folder. Other paths are left as given."""
+    path = Path(path)
+    if path.is_absolute() or path.exists() or path.parts[:1] != ("corpus",):
+        return path
+    candidate = CHECKOUT / path
+    return candidate if candidate.exists() else path
 
 
 def split_documents(text: str) -> list[str]:
@@ -33,7 +46,14 @@ def iter_documents(path: Path, chunk_chars: int = 1 << 24) -> Iterator[str]:
     """The documents of one text file, read `chunk_chars` characters at a time (a file may exceed memory)."""
     pending = ""
     with path.open(encoding="utf-8") as f:
-        while chunk := f.read(chunk_chars):
+        while True:
+            try:
+                chunk = f.read(chunk_chars)
+            except UnicodeDecodeError as err:  # Latin-1 or binary data: name the file and line, not just a byte
+                raise DataFormatError(f"{path}:{_first_undecodable_line(path)}: not valid UTF-8 ({err.reason}); "
+                                      "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+            if not chunk:
+                break
             docs = (pending + chunk).split(DOC_SEPARATOR)
             pending = docs.pop()  # may continue in the next chunk
             yield from (doc.strip("\n") for doc in docs if doc.strip())
@@ -41,9 +61,20 @@ def iter_documents(path: Path, chunk_chars: int = 1 << 24) -> Iterator[str]:
         yield pending.strip("\n")
 
 
+def _first_undecodable_line(path: Path) -> int:
+    """1-based number of the first line of `path` that is not UTF-8 (only called once decoding has failed)."""
+    with path.open("rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 1  # only if the file changed since the failed read
+
+
 def data_files(path: Path, suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> list[Path]:
     """`path` itself if it is a file, else its files with these suffixes in name order (not recursive)."""
-    path = Path(path)
+    path = bundled(path)
     if path.is_file():
         if path.suffix not in suffixes:
             raise DataFormatError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(suffixes)}")
@@ -59,7 +90,7 @@ def data_files(path: Path, suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> list[Pa
 def split_files(split: Path, suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> list[Path]:
     """The files of one split: the folder `split/` (e.g. corpus/pretrain/train/), else one file `split.<suffix>`
     beside it (e.g. my_data/train.parquet)."""
-    split = Path(split)
+    split = bundled(split)
     if split.is_dir():
         return data_files(split, suffixes)
     candidates = [split.with_name(split.name + suffix) for suffix in suffixes]

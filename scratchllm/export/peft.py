@@ -18,13 +18,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from scratchllm.config import LoRAConfig
+from scratchllm.errors import UserError
 from scratchllm.export.hf import from_hf_name, to_hf_name
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 
 
-class AdapterFormatError(ValueError):
+class AdapterFormatError(UserError, ValueError):
     """A PEFT adapter folder cannot be read as a plain LoRA adapter for this model; the message says why."""
 
 

@@ -32,6 +32,8 @@ from typing import Any, Literal
 
 import regex
 
+from scratchllm.errors import UserError
+
 DEFAULT_SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
 
 # GPT-4-style split, with three deliberate changes:
@@ -62,7 +64,7 @@ FORMAT_NAME = "scratchllm-bpe"
 FORMAT_VERSION = 1
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer file or argument is unusable; the message says which and how to fix it."""
 
 

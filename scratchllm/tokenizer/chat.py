@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from scratchllm.errors import UserError
 from scratchllm.tokenizer.bpe import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 
 
-class ChatFormatError(ValueError):
+class ChatFormatError(UserError, ValueError):
     """A conversation is malformed; the message says which message and what is wrong."""
 
 

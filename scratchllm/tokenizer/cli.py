@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from scratchllm.config import TokenizerConfig, save_json
+from scratchllm.data.sources import bundled
 from scratchllm.tokenizer.bpe import DEFAULT_SPECIAL_TOKENS, Tokenizer, TokenizerError
 
 DEFAULTS = TokenizerConfig()
@@ -74,11 +75,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--bytes-per-file", type=int, default=DEFAULTS.bytes_per_file, help="0 = whole files")
     parser.add_argument("--out", type=Path, default=Path("runs/default/tokenizer/tokenizer.json"))
     args = parser.parse_args(argv)
-    files = args.files or sorted(Path("corpus/pretrain/train").glob("*.txt"))
+    files = args.files or sorted(bundled("corpus/pretrain/train").glob("*.txt"))
     tok = train_tokenizer_from_files(files, args.vocab_size, args.out, args.bytes_per_file)
     print(f"tokenizer: {args.out}  vocab={tok.vocab_size}  trained on {tok.metadata.get('train_bytes', 0) / 1e6:.1f} MB"
           f" in {tok.metadata.get('train_time_s', 0)} s")
-    for path in sorted(Path("corpus/pretrain/val").glob("*.txt")):
+    for path in sorted(bundled("corpus/pretrain/val").glob("*.txt")):
         print(f"  {path.name:18s} {bytes_per_token(tok, path.read_text(encoding='utf-8')):.2f} bytes/token")
     sample = "To be, or not to be: that is the question. 床前明月光，疑是地上霜。"
     print("  sample:", " | ".join(tok.decode([i]) for i in tok.encode(sample)))

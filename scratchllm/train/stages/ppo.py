@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from scratchllm.config import LoopConfig, OptimConfig, PPOConfig, SFTConfig
 from scratchllm.data.chat_batches import EpochStream, length_sorted_chunks, render_sft, sft_batch
 from scratchllm.data.jsonl import read_conversations, read_preferences, read_tasks
+from scratchllm.errors import UserError
 from scratchllm.eval.chat_eval import generate_replies
 from scratchllm.infer.sampling import SamplingParams
 from scratchllm.model.gpt import GPT
@@ -50,7 +51,7 @@ DEFAULT_LOOP = LoopConfig(max_steps=60, batch_size=1, eval_every=0, checkpoint_e
 DEFAULT_OPTIM = OptimConfig(lr=2e-4, warmup_steps=3, weight_decay=0.0, min_lr_ratio=1.0, grad_clip=1.0)
 
 
-class PPODiverged(RuntimeError):
+class PPODiverged(UserError, RuntimeError):
     """KL to the reference or the policy ratio exploded; the run stops instead of collapsing."""
 
 

@@ -163,6 +163,9 @@ def run(
     """Pretrain a GPT from scratch (or continue from --init) on text files."""
     started = time.perf_counter()
     stage_dir = Path(run_root) / "pretrain"
+    # the overrides are checked before the tokenizer is trained (a minute), then again with its vocabulary
+    resolve_sections(base_sections(DEFAULT_LOOP, DEFAULT_OPTIM, model=model_preset(preset), data=DataConfig()),
+                     overrides)
     if tokenizer is None:
         from scratchllm.tokenizer.cli import train_tokenizer_from_files
 
@@ -183,7 +186,7 @@ def run(
         model = GPT(sections["model"])
     loop = sections["loop"]
     if loop.seq_len > sections["model"].max_seq_len:
-        raise ValueError(f"--loop.seq_len={loop.seq_len} exceeds --model.max_seq_len={sections['model'].max_seq_len}")
+        raise ConfigError(f"--loop.seq_len={loop.seq_len} exceeds --model.max_seq_len={sections['model'].max_seq_len}")
     cache, shard_tokens = stage_dir / "shards", sections["data"].shard_tokens
     if shard_tokens:
         train_tokens = shard_set_for(data_dir / "train", tok, cache, shard_tokens)
