@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
 import time
 
 import httpx
@@ -19,7 +17,6 @@ import torch
 from scratchllm.config import model_preset
 from scratchllm.infer.server import create_app
 from scratchllm.model.gpt import GPT
-from scratchllm.tokenizer.bpe import Tokenizer
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -40,23 +37,6 @@ def paced_gpt(config) -> GPT:
     model = GPT(config)
     model.embed_tokens.register_forward_pre_hook(lambda *_: time.sleep(PACE_S))
     return model
-
-
-def _serve(app) -> str:
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    for _ in range(200):
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-            return f"http://127.0.0.1:{port}"
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    raise RuntimeError("server did not start")
 
 
 class RecordChatRequests:
@@ -83,21 +63,21 @@ class RecordChatRequests:
 
 
 @pytest.fixture(scope="module")
-def server() -> tuple[str, RecordChatRequests]:
-    tok = Tokenizer.train(["hello world, the answer is 42. 你好世界 user assistant\n" * 30], 256 + 80 + 4, progress=False)
+def server(serve, chat_tokenizer) -> tuple[str, RecordChatRequests]:
+    tok = chat_tokenizer
     torch.manual_seed(0)
     model = paced_gpt(model_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=512)).eval()
     app = RecordChatRequests(create_app(model, tok, "tiny", max_batch=8, max_queue=64))
-    return _serve(app), app
+    return serve(app), app
 
 
 @pytest.fixture(scope="module")
-def keyed_server() -> tuple[str, RecordChatRequests]:
-    tok = Tokenizer.train(["hello world, the answer is 42. 你好世界 user assistant\n" * 30], 256 + 80 + 4, progress=False)
+def keyed_server(serve, chat_tokenizer) -> tuple[str, RecordChatRequests]:
+    tok = chat_tokenizer
     torch.manual_seed(0)
     model = paced_gpt(model_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=512)).eval()
     app = RecordChatRequests(create_app(model, tok, "tiny", api_key="sekret"))
-    return _serve(app), app
+    return serve(app), app
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,41 +18,24 @@ from scratchllm.tokenizer.bpe import Tokenizer
 openai = pytest.importorskip("openai")
 
 
-def _serve(app) -> str:
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    for _ in range(200):
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-            return f"http://127.0.0.1:{port}"
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    raise RuntimeError("server did not start")
-
-
 @pytest.fixture(scope="module")
-def world():
-    tok = Tokenizer.train(["hello world, the answer is 42. 你好世界 user assistant\n" * 30], 256 + 80 + 4, progress=False)
+def world(serve, chat_tokenizer):
+    tok = chat_tokenizer
     torch.manual_seed(0)
     model = GPT(model_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=128)).eval()
-    base = _serve(create_app(model, tok, "tiny", max_batch=8, max_queue=64))
-    keyed = _serve(create_app(model, tok, "tiny", api_key="sekret"))
+    base = serve(create_app(model, tok, "tiny", max_batch=8, max_queue=64))
+    keyed = serve(create_app(model, tok, "tiny", api_key="sekret"))
     return base, keyed
 
 
 @pytest.fixture(scope="module")
-def paced():
+def paced(serve, chat_tokenizer):
     """A tiny model slowed to ~10 ms per forward, like a real one, so that replies take seconds."""
-    tok = Tokenizer.train(["hello world, the answer is 42. 你好世界 user assistant\n" * 30], 256 + 80 + 4, progress=False)
+    tok = chat_tokenizer
     torch.manual_seed(0)
     model = GPT(model_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=512)).eval()
     model.embed_tokens.register_forward_pre_hook(lambda *_: time.sleep(0.01))
-    return _serve(create_app(model, tok, "tiny", max_batch=16, max_queue=64))
+    return serve(create_app(model, tok, "tiny", max_batch=16, max_queue=64))
 
 
 def _client(base: str, key: str = "none") -> openai.OpenAI:
@@ -134,11 +115,11 @@ def test_chat_page_served(world) -> None:
     assert page.status_code == 200 and "/v1/chat/completions" in page.text
 
 
-def test_full_queue_answers_429_with_retry_after_while_good_and_bad_requests_keep_flowing(world) -> None:
+def test_full_queue_answers_429_with_retry_after_while_good_and_bad_requests_keep_flowing(world, serve) -> None:
     tok = Tokenizer.train(["hello world, the answer is 42.\n" * 30], 256 + 40 + 4, progress=False)
     torch.manual_seed(0)
     model = GPT(model_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=128)).eval()
-    base = _serve(create_app(model, tok, "tiny", max_batch=1, max_queue=1))  # one decoding, one waiting
+    base = serve(create_app(model, tok, "tiny", max_batch=1, max_queue=1))  # one decoding, one waiting
     good = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 100}
     bad = {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}
 

@@ -283,3 +283,48 @@ def test_distillation_hand_computed_two_token_vocab() -> None:
     assert math.isclose(float(loss), 0.5 * math.log(2) + 2 * kl, rel_tol=1e-5)
 
 
+def test_distill_loss_hand_computed_with_mask() -> None:
+    # V = 2, T = 1, α = 0.25; two positions, the second masked out (its huge logits must not count).
+    # position 0: student [ln 3, 0] -> p_s = [¾, ¼]; teacher [0, 0] -> p_t = [½, ½]; target 1 -> CE = ln 4.
+    # KL(p_t‖p_s) = ½ ln(½/¾) + ½ ln(½/¼) = ½ ln(4/3).
+    student = torch.tensor([[[math.log(3), 0.0], [50.0, -50.0]]])
+    teacher = torch.tensor([[[0.0, 0.0], [-50.0, 50.0]]])
+    mask = torch.tensor([[True, False]])
+    loss, stats = distillation_loss(student, teacher, torch.tensor([[1, 0]]), mask, alpha=0.25, temperature=1.0)
+    kl = 0.5 * math.log(4 / 3)
+    assert math.isclose(stats["ce"], math.log(4), rel_tol=1e-6)
+    assert math.isclose(stats["kl_teacher"], kl, rel_tol=1e-6)
+    assert math.isclose(float(loss), 0.25 * math.log(4) + 0.75 * kl, rel_tol=1e-6)
+
+
+def test_distill_loss_is_zero_when_student_equals_teacher_and_alpha_zero() -> None:
+    logits = torch.randn(2, 4, 7) * 3
+    loss, stats = distillation_loss(logits, logits.clone(), torch.randint(0, 7, (2, 4)), None, alpha=0.0, temperature=3.0)
+    assert abs(float(loss)) < 1e-6 and abs(stats["kl_teacher"]) < 1e-6
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 5.0])
+def test_distill_loss_gradient_is_t_times_soft_target_gap(temperature: float) -> None:
+    # Hinton et al. 2015 eq. 2: ∂KL_T/∂z = (q - p)/T; the T² factor makes it T·(q - p), averaged over tokens.
+    student = torch.randn(3, 6, requires_grad=True)
+    teacher = torch.randn(3, 6)
+    loss, _ = distillation_loss(student[None], teacher[None], torch.zeros(1, 3, dtype=torch.long), None, 0.0, temperature)
+    loss.backward()
+    q, p = torch.softmax(student.detach() / temperature, -1), torch.softmax(teacher / temperature, -1)
+    assert torch.allclose(student.grad, temperature * (q - p) / 3, atol=1e-6)
+
+
+def test_t_squared_keeps_the_soft_gradient_scale_independent_of_temperature() -> None:
+    # High-T limit (§2.1): T·(q - p) -> (z - v)/V for zero-mean logits, whatever T is; without T² it would shrink as 1/T².
+    student = torch.randn(1, 1, 8)
+    student = (student - student.mean()).requires_grad_(True)
+    teacher = torch.randn(1, 1, 8)
+    teacher = teacher - teacher.mean()
+    grads = []
+    for temperature in (20.0, 40.0):
+        student.grad = None
+        distillation_loss(student, teacher, torch.zeros(1, 1, dtype=torch.long), None, 0.0, temperature)[0].backward()
+        grads.append(student.grad.clone())
+    limit = (student.detach() - teacher) / 8
+    for grad in grads:
+        assert torch.allclose(grad, limit, atol=0.05 * limit.abs().max())

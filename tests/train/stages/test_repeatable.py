@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from scratchllm.train.stages import pretrain, reward
-from tests.train.stages.test_stages import FAST
+from tests.conftest import FAST
 
 TINY = FAST + ["--loop.max_steps=3", "--loop.batch_size=2", "--loop.seq_len=32", "--loop.eval_batches=1",
                "--model.d_model=32", "--model.n_layers=1", "--model.n_heads=2", "--model.n_kv_heads=1"]

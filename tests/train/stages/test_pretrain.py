@@ -1,18 +1,29 @@
-"""Chat-format rows in pretraining: the batch keeps its size, the rows come from the rendered conversations, and
-batch k is the same whether the run was interrupted or not."""
+"""Pretraining's command line, and chat-format rows in its batches: the batch keeps its size, the rows come from the
+rendered conversations, and batch k is the same whether the run was interrupted or not."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from scratchllm.config import ConfigError, LoopConfig
-from scratchllm.data.chat_batches import chat_token_stream
+from scratchllm.data.chat_batches import (
+    chat_token_stream,
+)
 from scratchllm.data.jsonl import read_tasks
 from scratchllm.data.tasks import task_conversation
 from scratchllm.tokenizer.bpe import Tokenizer
+from scratchllm.train.stages import pretrain
 from scratchllm.train.stages.pretrain import PretrainStage, chat_pretraining_tokens
+
+
+def test_pretrain_help_lists_init(capsys) -> None:
+    with pytest.raises(SystemExit):
+        pretrain.main(["--help"])
+    assert re.search(r"^\s+--init INIT\b", capsys.readouterr().out, re.M)  # an option, not just the description
 
 
 def _stage(tok: Tokenizer, chat: np.ndarray | None, rows: int) -> PretrainStage:
