@@ -12,6 +12,8 @@ as a server builds it at start. Our side is infer/continuous.py (what `scratchll
 and infer/engine.py `generate` (evaluation and RL rollouts). The share of rows whose greedy tokens equal
 transformers' is printed beside the speed: a fast engine that decodes something else proves nothing.
 
+--per-step adds CPU milliseconds per decode step: the weight matmuls alone (the floor), ours, transformers.
+
 --recompute: with the cache each step is one position (linear), without it every step re-runs the whole sequence
 (quadratic); prints the ratio cache / no-cache.
 """
@@ -32,6 +34,7 @@ from scratchllm.infer.continuous import ContinuousEngine, Request, TokenLogprob
 from scratchllm.infer.engine import generate_batch
 from scratchllm.infer.sampling import SamplingParams
 from scratchllm.model.gpt import GPT
+from scratchllm.train.reference_step import measure_reference_step
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -91,7 +94,8 @@ def against_transformers(args: argparse.Namespace) -> None:
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
     print(f"torch={torch.__version__} transformers={transformers.__version__} threads={torch.get_num_threads()} "
           f"cpus={os.cpu_count()} preset={args.preset} params={model.num_params() / 1e6:.2f}M greedy, 16-token prompts, "
-          f"compile={args.compile}; load average at start {os.getloadavg()[0]:.1f}")
+          f"compile={args.compile}")
+    host_speed("start")
     print("| batch | new | continuous tok/s | generate() tok/s | transformers tok/s | continuous / transformers "
           "| same, by CPU time | same tokens |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -115,7 +119,57 @@ def against_transformers(args: argparse.Namespace) -> None:
             print(f"| {batch} | {n_new} | {n / wall['continuous']:.0f} | {n / wall['generate']:.0f} "
                   f"| {n / wall['transformers']:.0f} | {wall['transformers'] / wall['continuous']:.2f}x "
                   f"| {cpu['transformers'] / cpu['continuous']:.2f}x | {same}/{batch} |", flush=True)
-    print(f"load average at end {os.getloadavg()[0]:.1f}")
+    if args.per_step:
+        print("\nCPU ms per decode step (best of --repeats rounds): | batch | weight matmuls alone | continuous | "
+              "transformers generate |")
+        for batch in args.batches:
+            t = per_step(model, hf, batch, args.repeats)
+            print(f"| {batch} | {t['matmuls']:.2f} | {t['ours']:.2f} | {t['transformers']:.2f} |", flush=True)
+    host_speed("end")
+
+
+def per_step(model: GPT, hf, batch: int, rounds: int) -> dict[str, float]:
+    """CPU ms per decode step at `batch` (best of `rounds`): the weight matmuls alone (every projection and the
+    lm_head once, as F.linear on the model's weights: the floor both sides pay), our engine's step, and
+    transformers' generate per token (the difference of a 96- and a 32-token generate, over 64)."""
+    import torch.nn.functional as F
+
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(batch, 1, w.shape[1]) for w in weights}
+    prompts = torch.randint(0, 4096, (batch, 16), generator=torch.Generator().manual_seed(batch)).tolist()
+    engine = serving_engine(model, batch)
+
+    def matmuls() -> None:
+        for w in weights:
+            F.linear(inputs[w.shape[1]], w)
+
+    def engine_step() -> None:
+        if not engine.busy_rows:  # rows ran out of budget: start new ones (their prefill is one untimed step)
+            for p in prompts:
+                engine.submit(Collect(p, 100, GREEDY))
+            engine.step()
+        engine.step()
+
+    def best(fn, n: int) -> float:
+        times = []
+        for _ in range(rounds):
+            start = time.process_time()
+            for _ in range(n):
+                fn()
+            times.append((time.process_time() - start) / n)
+        return min(times) * 1e3
+
+    with torch.inference_mode():
+        out = {"matmuls": best(matmuls, 20), "ours": best(engine_step, 20)}
+    long_s = best(lambda: transformers_generate(hf, prompts, 96), 1)
+    out["transformers"] = (long_s - best(lambda: transformers_generate(hf, prompts, 32), 1)) / 64
+    return out
+
+
+def host_speed(when: str) -> None:
+    """The host's speed beside the figures: one reference training step (train/reference_step.py) and the load."""
+    step_s = measure_reference_step(steps=1)
+    print(f"{when}: one reference step {step_s:.2f} s, load average {os.getloadavg()[0]:.1f}", flush=True)
 
 
 @torch.no_grad()
@@ -151,6 +205,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the best time of each counts")
     parser.add_argument("--recompute", action="store_true", help="the KV cache vs full recompute instead")
+    parser.add_argument("--per-step", action="store_true", help="also CPU ms per decode step: the weight matmuls "
+                        "alone, ours, transformers (where the step's time goes)")
     parser.add_argument("--compile", action="store_true", help="the serving engine's decode step via torch.compile "
                         "(compiled in the warm-up, outside the timings)")
     args = parser.parse_args()

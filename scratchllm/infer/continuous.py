@@ -6,7 +6,8 @@ once and a waiting request is prefilled and joins while the others keep decoding
 positions here, so a slot is a page the size of the context. Running rows are kept in slots 0..n-1 (a leaving
 row's slot is refilled by moving the last row into it), so a decode step reads the cache as a view, never a
 gather. Prompts are prefilled in chunks of at most `prefill_chunk` tokens per step (Sarathi, Agrawal et al.
-2023), so a long prompt delays the running streams by one chunk, not by its whole length.
+2023), so a long prompt delays the running streams by one chunk, not by its whole length. The forward over the
+slots is infer/slot_forward.py, the cache model/kv_cache.py `SlotKVCache`.
 
 Knows nothing about text (the engine.py contract): a `Request` receives ids through `on_token`. Sampling matches
 engine.py `generate` (same seeded uniforms, same `process_logits`), so a request's tokens equal its solo run.
@@ -145,7 +146,7 @@ class ContinuousEngine:
                     self._wake.wait()
             self.step()
 
-    @torch.no_grad()
+    @torch.inference_mode()  # not just no_grad: ops skip autograd's dispatch entirely (less per-op overhead)
     def step(self) -> None:
         """One scheduler iteration. A failure answers the requests in the batch and empties it; the engine lives on."""
         try:

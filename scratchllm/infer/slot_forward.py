@@ -4,10 +4,11 @@ GPT.forward is the training forward (one length shared by every row, modules cal
 mixes rows of different lengths, and a small model's decode step is mostly per-operation overhead, not arithmetic
 (torch.profiler, `mini` at batch 1 on 2 CPU threads: ~180 operations a step, the matmuls under half its time;
 docs/benchmarks.md). So this forward does fewer, larger operations: one matmul for q/k/v and one for gate/up (the
-weights are concatenated here, once: the model's parameters, state_dict and export are untouched), RoPE on q and k
-in one call, one `index_copy_` per cache write, and decode attention as two batched matmuls over a view of the cache
-(GQA by grouping each K/V head's query heads, no K/V copies). `compile=True` also runs the decode step through
-torch.compile. tests/infer/test_slot_forward.py holds its logits equal to GPT.forward's.
+weights are concatenated here, once, with the RMSNorm gains folded in: the model's parameters, state_dict and export
+are untouched), RoPE over a whole q/k/v output in one call, one `index_copy_` per layer for its new keys and values,
+residual adds inside `addmm`, and decode attention as two batched matmuls over a view of the cache (GQA by grouping
+each K/V head's query heads, no K/V copies). `compile=True` also runs the decode step through torch.compile.
+tests/infer/test_slot_forward.py holds its logits equal to GPT.forward's.
 """
 
 from __future__ import annotations
