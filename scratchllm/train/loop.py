@@ -177,6 +177,7 @@ def train(
     guard = SpikeGuard(loop.spike_factor)
     if not resume and dist.is_main() and (moved := set_aside_earlier_run(run_dir)) is not None:
         print(f"[{stage.name}] starting over: moved the earlier run's files to {moved} (--resume continues a run)")
+    dist.barrier()  # no rank looks for checkpoints while rank 0 is still writing or moving them
     if resume:  # refuses (CheckpointError) when nothing verifies, rather than silently start over
         ckpt, notes = resume_point(checkpoints)
         for note in notes:
