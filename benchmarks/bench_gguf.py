@@ -34,8 +34,8 @@ def build(preset: str, root: Path) -> Path:
 
     from scratchllm.config import model_preset
     from scratchllm.model.gpt import GPT
+    from scratchllm.model.io import save_model
     from scratchllm.tokenizer.bpe import Tokenizer
-    from scratchllm.train.checkpoint import save_model
 
     corpus = Path(__file__).resolve().parents[1] / "corpus" / "pretrain" / "val" / "shakespeare.txt"
     tok = Tokenizer.train([corpus.read_text(encoding="utf-8")[:100_000]], 256 + 500 + 4, progress=False)
@@ -51,7 +51,7 @@ def decode_ours(checkpoint: Path, new_tokens: int, threads: int, repeats: int,
 
     from scratchllm.infer.engine import generate_batch
     from scratchllm.infer.sampling import SamplingParams
-    from scratchllm.train.checkpoint import load_model
+    from scratchllm.model.io import load_model
 
     torch.set_num_threads(threads)
     model, _, _ = load_model(checkpoint)
@@ -143,7 +143,7 @@ def main() -> None:
         return
 
     from scratchllm.export.gguf import export_gguf
-    from scratchllm.train.checkpoint import load_model
+    from scratchllm.model.io import load_model
 
     root = Path(tempfile.mkdtemp(prefix="bench_gguf_"))  # every file this script writes goes here
     checkpoint = args.checkpoint or build(args.preset, root)

@@ -25,7 +25,7 @@ from scratchllm.eval.metrics import evaluate_lm, token_byte_lengths
 from scratchllm.infer.engine import generate_batch
 from scratchllm.infer.quantize import quantize_int8, weight_bytes
 from scratchllm.infer.sampling import SamplingParams
-from scratchllm.train.checkpoint import load_model
+from scratchllm.model.io import load_model
 from scratchllm.train.stages import pretrain
 
 DEFAULT_CHECKPOINT = Path("runs/default/pretrain/final")

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from scratchllm.train.logprobs import token_logprobs
+from scratchllm.model.logprobs import token_logprobs
 
 
 def indexed_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

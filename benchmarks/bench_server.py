@@ -45,8 +45,8 @@ from scratchllm.config import model_preset
 from scratchllm.infer.continuous import Request
 from scratchllm.infer.engine import generate
 from scratchllm.model.gpt import GPT
+from scratchllm.model.io import load_model, save_model
 from scratchllm.tokenizer.bpe import Tokenizer
-from scratchllm.train.checkpoint import load_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ["short_during_long", "poisson", "closed_loop", "big_body"]

@@ -163,7 +163,7 @@ def _minutes(seconds: float) -> str:
 def measure_speed(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     """This machine's reference-step time (train/reference_step.py), measured once per run and kept in speed.json,
     so a resumed run's estimates and report use the same unit."""
-    from scratchllm.train.loop import resolve_device
+    from scratchllm.runtime import resolve_device
     from scratchllm.train.reference_step import measure_reference_step, reference_tokens_per_s
 
     path = root / "speed.json"

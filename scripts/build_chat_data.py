@@ -9,7 +9,7 @@ nothing is downloaded. Held-out discipline (a test checks it on the shipped file
   * a second pool of task questions and ~12% of the chat prompts are held out for the evaluation files
     (sft_val, prefs_val) only; sft_train, tasks_train and prefs_train never contain them.
 Rejected preference replies are built by the documented rules in RULES; the gold judge in
-scratchllm/train/rewards.py checks the same rules, and a test asserts it prefers every chosen reply.
+scratchllm/data/rewards.py checks the same rules, and a test asserts it prefers every chosen reply.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a plain script from a checkout
 
+from scratchllm.data.rewards import detect_language, extract_answer, is_on_topic, parse_number  # noqa: E402
 from scratchllm.data.tasks import DRILLS, canonical_reply, generate_unique_tasks, prompt_key  # noqa: E402
-from scratchllm.train.rewards import detect_language, extract_answer, is_on_topic, parse_number  # noqa: E402
 
 SEED = 20261123
 VAL_TASKS_PER_PAIR = 20  # x 12 families x 2 languages = 480 held-out tasks (config: eval_tasks=480)

@@ -13,8 +13,8 @@ import torch
 
 from scratchllm.config import ModelConfig, model_preset
 from scratchllm.model.gpt import GPT
+from scratchllm.model.io import save_model
 from scratchllm.tokenizer.bpe import Tokenizer
-from scratchllm.train.checkpoint import save_model
 
 torch.set_num_threads(2)
 

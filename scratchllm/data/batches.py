@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from scratchllm import runtime
 from scratchllm.data.shards import ShardError, ShardSet
 
 
@@ -59,10 +60,8 @@ class LMWindows:
 
     def indexed(self) -> Iterator[tuple[int, dict[str, Tensor]]]:
         """(global batch index, batch) from the current position on; the index addresses a companion stream."""
-        from scratchllm.train import distributed as dist
-
         while True:
-            index = self.position * dist.world_size() + dist.rank()
+            index = self.position * runtime.world_size() + runtime.rank()
             self.position += 1
             yield index, self.batch(index)
 

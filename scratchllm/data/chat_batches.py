@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from scratchllm import runtime
 from scratchllm.tokenizer.bpe import Tokenizer
 from scratchllm.tokenizer.chat import render_conversation, render_for_completion
 
@@ -115,9 +116,7 @@ class EpochStream:
         return [self.items[i] for i in chosen]
 
     def __iter__(self) -> Iterator[list[Any]]:
-        from scratchllm.train import distributed as dist
-
         while True:
-            k = self.position * dist.world_size() + dist.rank()
+            k = self.position * runtime.world_size() + runtime.rank()
             self.position += 1
             yield self.batch_items(k)

@@ -26,10 +26,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, overload
 
-from scratchllm.data.sources import DataFormatError, bundled, iter_rows
+from scratchllm.data.sources import DataFormatError, iter_rows
+from scratchllm.runtime import bundled
 
 ROLES = ("system", "user", "assistant")
-VERIFIER_NAMES = ("math", "exact")  # must equal train/rewards.VERIFIERS (a test checks it)
+VERIFIER_NAMES = ("math", "exact")  # must equal data/rewards.VERIFIERS (a test checks it)
 LANGS = ("en", "zh")
 
 Record = dict[str, Any]

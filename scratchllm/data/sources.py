@@ -16,26 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from scratchllm.errors import UserError
+from scratchllm.runtime import bundled
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 RECORD_SUFFIXES = (".jsonl", ".parquet")
 DOC_SEPARATOR = "\n\n\n"  # corpus/README.md: documents in a .txt file are separated by three newlines
 PARQUET_BATCH_ROWS = 1024
-CHECKOUT = Path(__file__).resolve().parents[2]  # the bundled corpus/ sits beside scratchllm/ in a checkout
 
 
 class DataFormatError(UserError, ValueError):
     """A data file or record is malformed; the message names file:row, the field and the fix."""
-
-
-def bundled(path: str | Path) -> Path:
-    """`path`, or, for a default like `corpus/pretrain` that does not exist from the working directory, the
-    bundled corpus of this checkout: stage defaults then work from any folder. Other paths are left as given."""
-    path = Path(path)
-    if path.is_absolute() or path.exists() or path.parts[:1] != ("corpus",):
-        return path
-    candidate = CHECKOUT / path
-    return candidate if candidate.exists() else path
 
 
 def split_documents(text: str) -> list[str]:

@@ -1,7 +1,7 @@
 """Seeded generators of verifiable tasks (English and Chinese) that a small model can partly learn, once it has
 seen enough of them to read its prompt (docs/grpo.md: the 15-minute pipeline's SFT is not enough; a longer drill is).
 
-Canonical reply, one per language (the verifiers in train/rewards.py read the answer only from here):
+Canonical reply, one per language (the verifiers in data/rewards.py read the answer only from here):
 
     English: "The answer is X."        Chinese: "答案是 X。"
 

@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from scratchllm.data.chat_batches import length_sorted_chunks
+from scratchllm.data.rewards import score_task
 from scratchllm.data.tasks import canonical_reply
 from scratchllm.infer.engine import generate_batch
 from scratchllm.infer.sampling import SamplingParams
 from scratchllm.tokenizer.bpe import Tokenizer
 from scratchllm.tokenizer.chat import render_for_completion, reply_stop_ids
-from scratchllm.train.rewards import score_task
 
 # Replies already generated in this process, by what determines them (weights, prompts, decoding, seed). The
 # pipeline measures each model more than once on the same set: a stage's final evaluation, the next stage's step 0

@@ -29,10 +29,11 @@ from scratchllm.eval.chat_eval import (
     task_scores,
 )
 from scratchllm.eval.metrics import copy_accuracy, evaluate_lm, token_byte_lengths
+from scratchllm.eval.reply_scores import gold_scores, sampled_reply_scores, score_replies
 from scratchllm.eval.significance import paired_change
 from scratchllm.model.heads import load_scalar_model
-from scratchllm.train.checkpoint import load_model
-from scratchllm.train.loop import resolve_device
+from scratchllm.model.io import load_model
+from scratchllm.runtime import resolve_device
 
 
 @torch.no_grad()
@@ -87,8 +88,6 @@ def compare_checkpoints(
             row["sampled_pass_at_1"] = sum(sampled_tasks_by_stage[stage]) / max(len(per_task), 1)
         row["rm_accuracy"] = rm_accuracy if stage == "sft" else None
         if rm is not None and sft is not None:
-            from scratchllm.train.stages.ppo import gold_scores, sampled_reply_scores, score_replies
-
             replies = generate_replies(model, tok, [p["prompt"] for p in pairs], 32)
             scored = score_replies(model, sft, rm, tok, pairs, replies, dev)
             gold_by_stage[stage] = gold_scores(pairs, replies)

@@ -16,8 +16,8 @@ from pathlib import Path
 from scratchllm.data.jsonl import read_tasks
 from scratchllm.eval.chat_eval import constant_answer_by_family, pass_at_1_by_family, task_scores
 from scratchllm.eval.significance import paired_change
-from scratchllm.train.checkpoint import CheckpointError, load_model
-from scratchllm.train.loop import resolve_device
+from scratchllm.model.io import CheckpointError, load_model
+from scratchllm.runtime import resolve_device
 
 
 def evaluate_checkpoints(checkpoints: list[Path], tasks: list[dict], max_new_tokens: int, device: str) -> dict[str, list[float]]:

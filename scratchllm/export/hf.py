@@ -106,8 +106,9 @@ def export_hf(model: GPT, tok: Tokenizer, out: Path) -> Path:
 
 def main(argv: list[str]) -> int:
     from scratchllm.export.model_card import write_model_card
-    from scratchllm.model.lora import load_adapter, lora_state_dict, merge_lora
-    from scratchllm.train.checkpoint import load_model
+    from scratchllm.export.peft import load_any_adapter
+    from scratchllm.model.io import load_model
+    from scratchllm.model.lora import lora_state_dict, merge_lora
 
     parser = argparse.ArgumentParser(prog="scratchllm export", description=__doc__)
     parser.add_argument("--checkpoint", type=Path, required=True, help="model directory (e.g. runs/x/sft/final)")
@@ -126,7 +127,7 @@ def main(argv: list[str]) -> int:
         from scratchllm.export.gguf import export_gguf
 
         if args.adapter:  # llama.cpp runs one file: the adapter goes into the weights
-            load_adapter(args.adapter, model)
+            load_any_adapter(args.adapter, model)
             merge_lora(model)
         name = f"model-{args.dtype}.gguf"
         export_gguf(model, tok, args.out / name, args.dtype, name=args.checkpoint.resolve().parent.name)
@@ -138,7 +139,7 @@ def main(argv: list[str]) -> int:
         files = {"model.safetensors, config.json, tokenizer.json": "`AutoModelForCausalLM.from_pretrained(OUT)`"}
         if args.adapter:
             adapted = copy.deepcopy(model)  # the base stays plain: the adapter travels beside it
-            cfg = load_adapter(args.adapter, adapted)
+            cfg = load_any_adapter(args.adapter, adapted)
             save_peft_adapter(args.out / "adapter", lora_state_dict(adapted), cfg, base_model=str(args.out))
             files["adapter/"] = "`peft.PeftModel.from_pretrained(base, OUT/adapter)` (LoRA, PEFT format)"
     write_model_card(args.out, model, tok, args.checkpoint, files)

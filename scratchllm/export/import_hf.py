@@ -60,8 +60,8 @@ def tokenizer_from_hf(path: Path) -> Tokenizer:
 
 
 def main(argv: list[str]) -> int:
+    from scratchllm.model.io import save_model
     from scratchllm.model.lora import save_adapter_state
-    from scratchllm.train.checkpoint import save_model
 
     parser = argparse.ArgumentParser(prog="scratchllm import-hf", description=__doc__)
     parser.add_argument("hf_dir", type=Path)

@@ -15,18 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from scratchllm.config import LoRAConfig
-from scratchllm.errors import UserError
 from scratchllm.export.hf import from_hf_name, to_hf_name
+from scratchllm.model.lora import AdapterFormatError, apply_adapter, load_adapter
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
-
-
-class AdapterFormatError(UserError, ValueError):
-    """A PEFT adapter folder cannot be read as a plain LoRA adapter for this model; the message says why."""
 
 
 def is_peft_adapter(directory: Path) -> bool:
@@ -121,13 +117,11 @@ def read_peft_adapter(directory: Path) -> tuple[LoRAConfig, dict[str, Tensor]]:
     return cfg, state
 
 
-def check_adapter_fits(directory: Path, adapter: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
-    """Same names and shapes as the adapters `model` has after injection, or a message saying what differs."""
-    if set(adapter) != set(expected):
-        raise AdapterFormatError(
-            f"{directory}: adapter does not fit this model (missing {sorted(set(expected) - set(adapter))[:3]}, "
-            f"unexpected {sorted(set(adapter) - set(expected))[:3]}); was it trained on another base model?")
-    for name, tensor in adapter.items():
-        if tensor.shape != expected[name].shape:
-            raise AdapterFormatError(f"{directory}: {name} has shape {tuple(tensor.shape)}, this model needs "
-                                     f"{tuple(expected[name].shape)}; was it trained on another base model?")
+def load_any_adapter(directory: str | Path, model: nn.Module) -> LoRAConfig:
+    """Our adapter folder (model/lora.py's save_adapter) or PEFT's, injected into `model` and loaded: what
+    `scratchllm generate --lora` and `scratchllm export --adapter` take."""
+    if is_peft_adapter(Path(directory)):
+        cfg, saved = read_peft_adapter(Path(directory))
+        apply_adapter(directory, model, cfg, saved)
+        return cfg
+    return load_adapter(directory, model)

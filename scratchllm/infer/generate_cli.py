@@ -80,12 +80,13 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
 def load_for_inference(checkpoint: Path, device: str, quantize: str | None = None, lora: Path | None = None):
     """Model directory -> (model in eval mode, tokenizer). --lora injects a saved adapter into the base model and
     merges it (same outputs, no extra matmuls per token); --quantize int8 then quantizes the merged weights."""
-    from scratchllm.model.lora import load_adapter, merge_lora
-    from scratchllm.train.checkpoint import load_model
+    from scratchllm.export.peft import load_any_adapter
+    from scratchllm.model.io import load_model
+    from scratchllm.model.lora import merge_lora
 
     model, tok, _ = load_model(checkpoint, device)
     if lora is not None:
-        load_adapter(lora, model)
+        load_any_adapter(lora, model)
         merge_lora(model)
         model.to(device)
     if quantize == "int8":

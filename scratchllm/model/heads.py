@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from scratchllm.config import ModelConfig, from_dict
 from scratchllm.model.gpt import GPT
+from scratchllm.model.io import CheckpointError, check_tokenizer, read_tensors, save_model
 from scratchllm.tokenizer.bpe import Tokenizer
-from scratchllm.train.checkpoint import CheckpointError, check_tokenizer, read_tensors, save_model
 
 
 def last_real_index(lengths: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
@@ -86,7 +86,7 @@ def load_scalar_model(
     config = json.loads(config_path.read_text())
     if config.get("head") != "scalar":
         raise CheckpointError(f'{directory}: not a reward/value model (config.json lacks "head": "scalar"); '
-                              "load a plain GPT with train/checkpoint.py:load_model")
+                              "load a plain GPT with model/io.py:load_model")
     model = ScalarModel(GPT(from_dict(ModelConfig, config["model"])))
     missing, unexpected = model.load_state_dict(read_tensors(weights_path), strict=False)
     allowed_missing = {"trunk.lm_head.weight"} if model.config.tie_embeddings else set()

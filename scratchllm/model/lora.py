@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from scratchllm.config import LoRAConfig
+from scratchllm.errors import UserError
 
 # Output heads are never adapted by "all-linear": lm_head shares its weight with embed_tokens (tied), and a
 # rank-r update of the 1-wide reward/value `score` head would be larger than the head itself.
@@ -174,30 +175,44 @@ def save_adapter_state(directory: str | Path, adapter: dict[str, Tensor], cfg: L
     os.replace(directory / "adapter_config.json.tmp", directory / "adapter_config.json")
 
 
+class AdapterFormatError(UserError, ValueError):
+    """An adapter folder cannot be loaded into this model as a plain LoRA adapter; the message says why."""
+
+
+def check_adapter_fits(directory: Path, adapter: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
+    """Same names and shapes as the adapters `model` has after injection, or a message saying what differs."""
+    if set(adapter) != set(expected):
+        raise AdapterFormatError(
+            f"{directory}: adapter does not fit this model (missing {sorted(set(expected) - set(adapter))[:3]}, "
+            f"unexpected {sorted(set(adapter) - set(expected))[:3]}); was it trained on another base model?")
+    for name, tensor in adapter.items():
+        if tensor.shape != expected[name].shape:
+            raise AdapterFormatError(f"{directory}: {name} has shape {tuple(tensor.shape)}, this model needs "
+                                     f"{tuple(expected[name].shape)}; was it trained on another base model?")
+
+
+def apply_adapter(directory: str | Path, model: nn.Module, cfg: LoRAConfig, saved: dict[str, Tensor]) -> None:
+    """Inject adapters as `cfg` describes into a base model and load the `saved` tensors read from `directory`."""
+    inject_lora(model, cfg)
+    expected = lora_state_dict(model)
+    check_adapter_fits(Path(directory), saved, expected)
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in saved.items()}, strict=False)
+
+
 def load_adapter(directory: str | Path, model: nn.Module) -> LoRAConfig:
-    """Inject adapters as saved (same r, alpha, targets) into a base model and load their weights.
+    """Inject adapters as saved by `save_adapter` (same r, alpha, targets) into a base model and load their weights.
 
-    Reads our own adapter folders (save_adapter) and PEFT's (adapter_model.safetensors + adapter_config.json).
-    """
-    from scratchllm.export.peft import check_adapter_fits, is_peft_adapter, read_peft_adapter
-
+    PEFT's adapter folders load through export/peft.py's `load_any_adapter` (what `--lora` and `--adapter` call)."""
     directory = Path(directory)
     config_path, weights_path = directory / "adapter_config.json", directory / "adapter.safetensors"
-    if is_peft_adapter(directory):
-        cfg, saved = read_peft_adapter(directory)
-    elif config_path.exists() and weights_path.exists():
-        meta = json.loads(config_path.read_text())
-        cfg = LoRAConfig(r=int(meta["r"]), alpha=float(meta["alpha"]), dropout=float(meta["dropout"]),
-                         target_modules=str(meta["target_modules"]))
-        saved = load_file(str(weights_path))
-    else:
+    if not (config_path.exists() and weights_path.exists()):
         raise FileNotFoundError(f"{directory}: not an adapter directory (needs adapter_config.json with "
                                 "adapter.safetensors, as written by save_adapter, or adapter_model.safetensors, "
                                 "as written by PEFT's save_pretrained)")
-    inject_lora(model, cfg)
-    expected = lora_state_dict(model)
-    check_adapter_fits(directory, saved, expected)
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in saved.items()}, strict=False)
+    meta = json.loads(config_path.read_text())
+    cfg = LoRAConfig(r=int(meta["r"]), alpha=float(meta["alpha"]), dropout=float(meta["dropout"]),
+                     target_modules=str(meta["target_modules"]))
+    apply_adapter(directory, model, cfg, load_file(str(weights_path)))
     return cfg
 
 
@@ -209,7 +224,7 @@ def count_trainable(model: nn.Module) -> tuple[int, int]:
 
 def save_final_model(model: nn.Module, tokenizer: Any, directory: Path, sections: dict[str, Any]) -> None:
     """final/ is always a plain model directory: adapters are saved beside it (final_adapter/), then merged in."""
-    from scratchllm.train.checkpoint import save_model
+    from scratchllm.model.io import save_model
 
     if has_lora(model):
         save_adapter(directory.with_name(directory.name + "_adapter"), model, sections["lora"])

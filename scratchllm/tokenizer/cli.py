@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from scratchllm.config import TokenizerConfig, save_json
-from scratchllm.data.sources import bundled
+from scratchllm.runtime import bundled
 from scratchllm.tokenizer.bpe import DEFAULT_SPECIAL_TOKENS, Tokenizer, TokenizerError
 
 DEFAULTS = TokenizerConfig()

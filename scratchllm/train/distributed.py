@@ -7,7 +7,7 @@ checkpoints gather the full state to rank 0 first (`full_state`), so they are th
 
 Tensor parallelism (`--loop.tensor_parallel=N`, train/tensor_parallel.py) puts the processes on a 2-D device mesh
 (data-parallel × tensor-parallel): the N processes of a tensor-parallel group share one batch, so `rank` and
-`world_size` below count data-parallel replicas, not processes.
+`world_size` (scratchllm/runtime.py) count data-parallel replicas, not processes.
 """
 
 from __future__ import annotations
@@ -22,28 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from scratchllm.config import ConfigError, LoopConfig
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-_tensor_parallel = 1  # processes per tensor-parallel group; set by `wrap`
-
-
-def rank() -> int:
-    """Which share of the data this process takes: its data-parallel rank (the process rank without TP)."""
-    return dist.get_rank() // _tensor_parallel if is_distributed() else 0
-
-
-def world_size() -> int:
-    """How many shares the data is split into: the number of data-parallel replicas (processes without TP)."""
-    return dist.get_world_size() // _tensor_parallel if is_distributed() else 1
-
-
-def is_main() -> bool:
-    """Process 0, the one that logs and writes files."""
-    return not is_distributed() or dist.get_rank() == 0
+from scratchllm.runtime import is_distributed, is_main, set_tensor_parallel, world_size
 
 
 def init_from_env(device_type: str) -> bool:
@@ -76,10 +55,10 @@ def check_layout(loop: LoopConfig, stage: Any) -> None:
 def wrap(model: nn.Module, device: torch.device, parallel: str = "ddp", tensor_parallel: int = 1) -> nn.Module:
     """DDP, or FSDP2 (`parallel="fsdp"`, which replaces the parameters by shards in place), optionally over
     tensor-parallel groups of `tensor_parallel` processes; as is in one process."""
-    global _tensor_parallel
     if not is_distributed():
         return model
-    mesh, _tensor_parallel = None, 1
+    mesh = None
+    set_tensor_parallel(1)
     if tensor_parallel > 1:
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -90,7 +69,7 @@ def wrap(model: nn.Module, device: torch.device, parallel: str = "ddp", tensor_p
         mesh = init_device_mesh(device.type, (dist.get_world_size() // tensor_parallel, tensor_parallel),
                                 mesh_dim_names=("dp", "tp"))
         apply_tensor_parallel(model, mesh["tp"])
-        _tensor_parallel = tensor_parallel
+        set_tensor_parallel(tensor_parallel)
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard  # FSDP2: shards parameters per block, then the root
 

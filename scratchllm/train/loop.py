@@ -21,8 +21,10 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from scratchllm import runtime
 from scratchllm.config import LoopConfig, OptimConfig
 from scratchllm.errors import UserError
+from scratchllm.model.io import unwrap
 from scratchllm.model.moe import moe_aux_loss
 from scratchllm.train import distributed as dist
 from scratchllm.train.checkpoint import (
@@ -36,7 +38,6 @@ from scratchllm.train.checkpoint import (
     save_sharded_checkpoint,
     save_training_checkpoint,
     set_aside_earlier_run,
-    unwrap,
 )
 from scratchllm.train.optim import build_optimizer, lr_at
 from scratchllm.train.spike_guard import SpikeGuard
@@ -53,16 +54,6 @@ class Stage(Protocol):
     def batches(self, split: str) -> Iterator[dict[str, Tensor]]: ...  # PPO/GRPO: rollouts happen here
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]: ...
     def evaluate(self, model: nn.Module) -> dict[str, float]: ...  # the stage's headline numbers, held out
-
-
-def resolve_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def autocast_for(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
@@ -152,7 +143,7 @@ def train(
 ) -> dict[str, float]:
     """Train `model` on `stage` in `run_dir` (= runs/<name>/<stage>); return the final held-out metrics."""
     run_dir = Path(run_dir)
-    device = resolve_device(loop.device)
+    device = runtime.resolve_device(loop.device)
     dist.init_from_env(device.type)
     torch.manual_seed(loop.seed)
     dist.check_layout(loop, stage)
@@ -369,7 +360,7 @@ def train(
         if hasattr(stage, "save_final"):
             stage.save_final(final, final_dir)
         else:
-            from scratchllm.train.checkpoint import save_model
+            from scratchllm.model.io import save_model
 
             save_model(final_dir, final, tokenizer, sections)
     return {**metrics, "steps": step, "skipped_steps": skipped, "train_seconds": round(train_seconds, 1)}

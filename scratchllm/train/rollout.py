@@ -15,9 +15,9 @@ from torch import Tensor, nn
 from scratchllm.data.chat_batches import pad_right
 from scratchllm.infer.engine import generate_batch
 from scratchllm.infer.sampling import SamplingParams
+from scratchllm.model.logprobs import response_token_logprobs
 from scratchllm.tokenizer.bpe import Tokenizer
 from scratchllm.tokenizer.chat import render_for_completion, reply_stop_ids
-from scratchllm.train.logprobs import response_token_logprobs
 
 
 @dataclass

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from scratchllm.data.jsonl import DataFormatError, read_conversations, read_preferences, read_tasks
+from scratchllm.data.rewards import gold_score, score_task
 from scratchllm.data.tasks import canonical_reply, from_chinese_numeral, generate_tasks, to_chinese_numeral
-from scratchllm.train.rewards import gold_score, score_task
 
 CHAT = Path(__file__).resolve().parents[2] / "corpus" / "chat"
 

@@ -151,7 +151,7 @@ def test_fingerprint_follows_content_not_names_order_or_times(tmp_path: Path) ->
 def test_sft_from_parquet_equals_sft_from_the_same_jsonl(tmp_path: Path) -> None:
     from scratchllm.config import model_preset
     from scratchllm.model.gpt import GPT
-    from scratchllm.train.checkpoint import load_model, save_model
+    from scratchllm.model.io import load_model, save_model
     from scratchllm.train.stages import sft
 
     sizes = {"sft_train": 64, "sft_val": 16, "tasks_val": 8}

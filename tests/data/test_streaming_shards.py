@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from scratchllm import runtime
 from scratchllm.data.batches import LMWindows, sequential_windows
 from scratchllm.data.shards import (
     ShardError,
@@ -28,7 +29,6 @@ from scratchllm.data.shards import (
     write_shard,
 )
 from scratchllm.tokenizer.bpe import Tokenizer
-from scratchllm.train import distributed
 
 CORPUS = Path(__file__).resolve().parents[2] / "corpus" / "pretrain"
 FINGERPRINT = "test-tokenizer"
@@ -133,10 +133,10 @@ def test_resume_at_position_k_continues_the_uninterrupted_stream(three_shards) -
 def test_two_ranks_draw_disjoint_batches_that_together_are_the_one_process_stream(three_shards, monkeypatch) -> None:
     one = iter(LMWindows(ShardSet(three_shards), 16, 4, seed=5))
     single = [next(one) for _ in range(10)]
-    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(runtime, "world_size", lambda: 2)
     per_rank, indices = [], []
     for r in (0, 1):
-        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        monkeypatch.setattr(runtime, "rank", lambda r=r: r)
         stream = iter(LMWindows(ShardSet(three_shards), 16, 4, seed=5))
         per_rank.append([next(stream) for _ in range(5)])
         indices.append({p * 2 + r for p in range(5)})  # the global batch indices rank r drew

@@ -11,8 +11,8 @@ from scratchllm.config import model_preset
 from scratchllm.eval import tasks_cli
 from scratchllm.eval.significance import paired_change
 from scratchllm.model.gpt import GPT
+from scratchllm.model.io import save_model
 from scratchllm.tokenizer.bpe import Tokenizer
-from scratchllm.train.checkpoint import save_model
 
 CHAT = Path(__file__).resolve().parents[2] / "corpus" / "chat"
 

@@ -23,8 +23,8 @@ from scratchllm.export.hf import CHAT_TEMPLATE
 from scratchllm.export.hf import main as export_main
 from scratchllm.infer.engine import generate_batch
 from scratchllm.infer.sampling import SamplingParams
+from scratchllm.model.io import save_model
 from scratchllm.tokenizer.chat import render_for_completion, render_text, reply_stop_ids
-from scratchllm.train.checkpoint import save_model
 
 PROMPTS = ["Hello, world! The quick", "床前明月光，疑是", "😀🎉 def f(x):"]
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello 你好 😀"}]

@@ -13,9 +13,9 @@ from scratchllm.export.import_hf import main as import_main
 from scratchllm.infer.engine import generate_batch
 from scratchllm.infer.sampling import SamplingParams
 from scratchllm.model.gpt import GPT
+from scratchllm.model.io import load_model, save_model
 from scratchllm.tokenizer.bpe import Tokenizer
 from scratchllm.tokenizer.chat import render_for_completion, render_text
-from scratchllm.train.checkpoint import load_model, save_model
 
 transformers = pytest.importorskip("transformers")
 TEXT = "Hello, world! 床前明月光，疑是地上霜。😀 def f(x): return x"

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from scratchllm.export.model_card import model_card
-from scratchllm.train.checkpoint import save_model
+from scratchllm.model.io import save_model
 
 
 def test_card_takes_held_out_figures_from_the_stage_summary(tiny_model, tmp_path: Path) -> None:

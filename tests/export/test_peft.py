@@ -15,10 +15,10 @@ from scratchllm.config import LoRAConfig
 from scratchllm.export.hf import export_hf
 from scratchllm.export.hf import main as export_main
 from scratchllm.export.import_hf import main as import_main
-from scratchllm.export.peft import AdapterFormatError
+from scratchllm.export.peft import AdapterFormatError, load_any_adapter
 from scratchllm.infer.generate_cli import load_for_inference
-from scratchllm.model.lora import inject_lora, load_adapter, save_adapter
-from scratchllm.train.checkpoint import save_model
+from scratchllm.model.io import save_model
+from scratchllm.model.lora import inject_lora, save_adapter
 from tests.export.conftest import TRAIN_TEXT
 
 
@@ -68,7 +68,7 @@ def test_peft_adapter_loads_in_ours_with_equal_logits(tiny_model, tmp_path: Path
     theirs.save_pretrained(tmp_path / "peft")
     ids = _ids(tok)
     ours = copy.deepcopy(base)
-    load_adapter(tmp_path / "peft", ours)  # --lora takes a PEFT folder as it is
+    load_any_adapter(tmp_path / "peft", ours)  # --lora takes a PEFT folder as it is
     with torch.no_grad():
         expected = theirs(ids).logits
         assert (expected - base(ids)).abs().max() > 1e-2
@@ -87,7 +87,7 @@ def test_adapter_variants_plain_lora_cannot_express_are_refused(tiny_model, tmp_
     dora = peft.get_peft_model(hf, peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     dora.save_pretrained(tmp_path / "dora")
     with pytest.raises(AdapterFormatError, match="use_dora"):
-        load_adapter(tmp_path / "dora", copy.deepcopy(base))
+        load_any_adapter(tmp_path / "dora", copy.deepcopy(base))
 
 
 def test_adapter_for_another_model_is_refused_by_name(tiny_model, tmp_path: Path) -> None:
@@ -102,6 +102,6 @@ def test_adapter_for_another_model_is_refused_by_name(tiny_model, tmp_path: Path
     state = {k: (v[:, :-1] if k.endswith("lora_A") else v) for k, v in state.items()}  # wrong d_in
     save_peft_adapter(tmp_path / "p", state, LoRAConfig(r=2, alpha=4.0, target_modules="q_proj"))
     with pytest.raises(AdapterFormatError, match=r"layers\.0\.self_attn\.q_proj\.lora_A has shape"):
-        load_adapter(tmp_path / "p", copy.deepcopy(base))
+        load_any_adapter(tmp_path / "p", copy.deepcopy(base))
     meta = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
     assert meta["peft_type"] == "LORA" and meta["target_modules"][0].startswith("model.layers.")

@@ -21,9 +21,9 @@ from scratchllm.infer.quantize import (
 )
 from scratchllm.infer.sampling import SamplingParams
 from scratchllm.model.gpt import GPT
+from scratchllm.model.io import model_tensors, save_model
 from scratchllm.model.lora import inject_lora
 from scratchllm.tokenizer.bpe import Tokenizer
-from scratchllm.train.checkpoint import model_tensors, save_model
 
 
 @pytest.fixture

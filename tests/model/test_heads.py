@@ -10,7 +10,7 @@ import torch
 from scratchllm.config import model_preset
 from scratchllm.model.gpt import GPT
 from scratchllm.model.heads import ScalarModel, last_real_index, load_scalar_model, save_scalar_model
-from scratchllm.train.checkpoint import CheckpointError
+from scratchllm.model.io import CheckpointError
 
 V = 300
 
@@ -93,7 +93,7 @@ def test_save_load_round_trip(tmp_path) -> None:
 
 
 def test_loading_a_plain_gpt_as_scalar_model_is_a_clear_error(tmp_path) -> None:
-    from scratchllm.train.checkpoint import save_model
+    from scratchllm.model.io import save_model
 
     save_model(tmp_path / "gpt", GPT(model_preset("tiny", vocab_size=V)), None, {})
     with pytest.raises(CheckpointError, match="head"):

@@ -152,8 +152,8 @@ def test_adapter_round_trip(tmp_path) -> None:
 
 def test_inference_loads_an_adapter_on_a_base_checkpoint(tmp_path, capsys) -> None:
     from scratchllm.infer import generate_cli
+    from scratchllm.model.io import save_model
     from scratchllm.tokenizer.bpe import Tokenizer
-    from scratchllm.train.checkpoint import save_model
 
     tok = Tokenizer.train(["hello world, hello there " * 50], vocab_size=256 + 20 + 4, progress=False)
     torch.manual_seed(0)

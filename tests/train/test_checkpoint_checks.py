@@ -10,8 +10,8 @@ import pytest
 
 from scratchllm.config import model_preset
 from scratchllm.model.gpt import GPT
+from scratchllm.model.io import CheckpointError, load_model, save_model
 from scratchllm.tokenizer.bpe import Tokenizer
-from scratchllm.train.checkpoint import CheckpointError, load_model, save_model
 
 # random words over ten letters: enough distinct pairs for the few hundred merges these tests ask for
 TEXT = [" ".join("".join(random.Random(i).choices("abcdefghij", k=5)) for i in range(3000))]

@@ -19,7 +19,8 @@ from scratchllm.config import ConfigError, LoopConfig, OptimConfig, model_preset
 from scratchllm.data.batches import LMWindows
 from scratchllm.data.shards import ShardError, load_shard, write_shard
 from scratchllm.model.gpt import GPT
-from scratchllm.train.checkpoint import latest_checkpoint, load_model
+from scratchllm.model.io import load_model
+from scratchllm.train.checkpoint import latest_checkpoint
 from scratchllm.train.loop import TrainingDiverged, train
 from scratchllm.train.losses import cross_entropy_loss
 from tests.train.two_process import run_two_processes
@@ -184,14 +185,14 @@ def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path: Path) -> None
     script = textwrap.dedent(f"""
         import os, torch
         import safetensors.torch as st
-        from scratchllm.train.checkpoint import save_model, load_model
+        from scratchllm.model.io import save_model, load_model
         model, tok, cfg = load_model({str(final)!r})
         real = st.save_file
         def dying_save(tensors, path, *a, **k):
             real(tensors, path, *a, **k)
             os._exit(1)  # killed after writing the new weights, before the directory swap
         st.save_file = dying_save
-        import scratchllm.train.checkpoint as c
+        import scratchllm.model.io as c
         c.save_file = dying_save
         with torch.no_grad():
             for p in model.parameters():

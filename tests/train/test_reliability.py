@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from scratchllm.config import OptimConfig
-from scratchllm.train.checkpoint import CheckpointError, latest_checkpoint, read_tensors
+from scratchllm.model.io import CheckpointError, read_tensors
+from scratchllm.train.checkpoint import latest_checkpoint
 from scratchllm.train.loop import TrainingDiverged, train
 from scratchllm.train.spike_guard import SpikeGuard
 from tests.train.test_loop import LOOP, OPTIM, Interrupt, StopAfter, ToyLM, _model

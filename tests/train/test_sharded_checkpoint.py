@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from scratchllm.model.gpt import GPT
-from scratchllm.train.checkpoint import CheckpointError, load_sharded_checkpoint
+from scratchllm.model.io import CheckpointError
+from scratchllm.train.checkpoint import load_sharded_checkpoint
 from scratchllm.train.loop import train
 from scratchllm.train.optim import build_optimizer
 from tests.train.test_loop import LOOP, OPTIM, ToyLM, _model

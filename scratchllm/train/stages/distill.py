@@ -19,8 +19,8 @@ from scratchllm.config import ConfigError, DistillConfig, LoopConfig, model_pres
 from scratchllm.data.batches import sequential_windows
 from scratchllm.eval.metrics import evaluate_lm
 from scratchllm.model.gpt import GPT
+from scratchllm.model.io import load_model
 from scratchllm.tokenizer.bpe import Tokenizer
-from scratchllm.train.checkpoint import load_model
 from scratchllm.train.loop import train
 from scratchllm.train.losses import cross_entropy_loss, distillation_loss
 from scratchllm.train.stages.pretrain import DEFAULT_LOOP, DEFAULT_OPTIM, PretrainStage, shard_for

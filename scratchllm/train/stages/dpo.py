@@ -20,10 +20,10 @@ from scratchllm.config import DPOConfig, LoopConfig, OptimConfig
 from scratchllm.data.chat_batches import EpochStream, pair_batch, render_pair
 from scratchllm.data.jsonl import read_conversations, read_preferences, read_tasks
 from scratchllm.eval.chat_eval import end_of_reply_rate, task_pass_at_1
+from scratchllm.model.io import load_model
+from scratchllm.model.logprobs import sequence_logprobs
 from scratchllm.model.lora import maybe_inject_lora, save_final_model
 from scratchllm.tokenizer.bpe import Tokenizer
-from scratchllm.train.checkpoint import load_model
-from scratchllm.train.logprobs import sequence_logprobs
 from scratchllm.train.loop import train
 from scratchllm.train.losses import dpo_loss
 from scratchllm.train.stages.runner import base_sections, finish, resolve_sections, stage_main

@@ -21,20 +21,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from scratchllm import runtime
 from scratchllm.config import GRPOConfig, LoopConfig, OptimConfig, SFTConfig
 from scratchllm.data.chat_batches import EpochStream, pad_right, render_sft, sft_batch
 from scratchllm.data.jsonl import read_conversations, read_tasks
+from scratchllm.data.rewards import composite_reward, score_task
 from scratchllm.eval.chat_eval import pass_at_1_by_family, task_sampled_pass_at_1, task_scores
 from scratchllm.eval.significance import paired_change
 from scratchllm.infer.sampling import SamplingParams
+from scratchllm.model.io import load_model
+from scratchllm.model.logprobs import response_token_logprobs
 from scratchllm.model.lora import maybe_inject_lora, save_final_model
 from scratchllm.tokenizer.bpe import Tokenizer
-from scratchllm.train import distributed as dist
-from scratchllm.train.checkpoint import load_model
-from scratchllm.train.logprobs import response_token_logprobs
 from scratchllm.train.loop import train
 from scratchllm.train.losses import cross_entropy_loss, grpo_advantages, grpo_loss
-from scratchllm.train.rewards import composite_reward, score_task
 from scratchllm.train.rollout import rollout_seed, sample_rollouts
 from scratchllm.train.stages.runner import base_sections, finish, resolve_sections, stage_main
 
@@ -117,7 +117,7 @@ class GRPOStage:
     def _draw(self) -> dict[str, Any]:
         """One draw: `prompts_per_step` tasks × G sampled replies, scored, with group-relative advantages."""
         assert self.policy is not None, "run() sets the policy before the loop draws batches"
-        k = self.position * dist.world_size() + dist.rank()  # draw k of one global stream, split across ranks
+        k = self.position * runtime.world_size() + runtime.rank()  # draw k of one global stream, split across ranks
         rng = random.Random(self.seed * 7919 + k)
         self.position += 1
         if self.curriculum is None:

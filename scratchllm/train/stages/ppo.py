@@ -20,19 +20,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from scratchllm import runtime
 from scratchllm.config import LoopConfig, OptimConfig, PPOConfig, SFTConfig
-from scratchllm.data.chat_batches import EpochStream, length_sorted_chunks, render_sft, sft_batch
+from scratchllm.data.chat_batches import EpochStream, render_sft, sft_batch
 from scratchllm.data.jsonl import read_conversations, read_preferences, read_tasks
+from scratchllm.data.rewards import score_task
 from scratchllm.errors import UserError
 from scratchllm.eval.chat_eval import generate_replies
+from scratchllm.eval.reply_scores import sampled_reply_scores, score_replies
 from scratchllm.infer.sampling import SamplingParams
 from scratchllm.model.gpt import GPT
 from scratchllm.model.heads import ScalarModel, load_scalar_model
+from scratchllm.model.io import load_model
+from scratchllm.model.logprobs import response_token_logprobs
 from scratchllm.model.lora import maybe_inject_lora, save_final_model
 from scratchllm.tokenizer.bpe import Tokenizer
 from scratchllm.train import distributed as dist
-from scratchllm.train.checkpoint import load_model
-from scratchllm.train.logprobs import response_token_kl, response_token_logprobs
 from scratchllm.train.loop import train
 from scratchllm.train.losses import (
     cross_entropy_loss,
@@ -43,7 +46,6 @@ from scratchllm.train.losses import (
     value_loss,
     whiten,
 )
-from scratchllm.train.rewards import gold_score, score_task
 from scratchllm.train.rollout import Rollout, rollout_logprobs, rollout_seed, sample_rollouts
 from scratchllm.train.stages.runner import base_sections, finish, resolve_sections, stage_main
 
@@ -129,7 +131,7 @@ class PPOStage:
         self.reward_model.to(device)
         # Rollout k of the global stream, as batches are split (data/batches.py): rank r of N draws rollouts
         # r, r+N, …, so ranks sample different prompts and replies, and one process draws what it always did.
-        k = self.position * dist.world_size() + dist.rank()
+        k = self.position * runtime.world_size() + runtime.rank()
         self.position += 1
         records = random.Random(self.seed * 104729 + k).sample(self.train_records, self.cfg.rollout_batch)
         rollout = sample_rollouts(policy, self.tok, [r["prompt"] for r in records], self.cfg.max_new_tokens,
@@ -157,7 +159,7 @@ class PPOStage:
         if self.cfg.kl_target > 0:  # the β this rollout paid is logged; the next rollout pays the updated one
             kl_all = dist.all_reduce_mean(stats["kl"], device)  # every rank keeps the same β
             self.kl_coef = adaptive_kl_coef(self.kl_coef, kl_all, self.cfg.kl_target,
-                                            len(records) * dist.world_size(), self.cfg.kl_horizon)
+                                            len(records) * runtime.world_size(), self.cfg.kl_horizon)
         return {"ids": rollout.ids, "response_mask": rollout.response_mask, "old_logprobs": old_logprobs,
                 "old_values": values, "advantages": advantages, "returns": returns, "stats": stats}
 
@@ -233,104 +235,6 @@ def reference_task_targets(conversations: list, task_questions: set[str], refere
         out.append({**conversation, "messages": conversation["messages"][:-1] + [{"role": "assistant", "content": text}]}
                    if ended else conversation)
     return out
-
-
-def gold_scores(pairs: list, replies: list[tuple[str, bool]]) -> list[float]:
-    """The rule-based gold judge's score of each held-out reply (the rules the preference data was built from),
-    with the pair's chosen reply as the on-topic reference."""
-    return [gold_score(p["prompt"], text, p.get("task"), ended, p["chosen"]) for p, (text, ended) in zip(pairs, replies)]
-
-
-def _render_replies(tok: Tokenizer, pairs: list, replies: list[tuple[str, bool]]) -> tuple[Tensor, Tensor, Tensor]:
-    """(ids, reply mask, lengths) of prompt + reply rows, right-padded; an ended reply keeps its <|im_end|>."""
-    from scratchllm.data.chat_batches import pad_right
-    from scratchllm.tokenizer.chat import render_for_completion
-
-    rows, masks = [], []
-    for pair, (text, ended) in zip(pairs, replies):
-        prompt = render_for_completion(tok, pair["prompt"])
-        reply = tok.encode(text) + ([tok.im_end_id] if ended else [])
-        reply = reply or [tok.eos_id]
-        rows.append(prompt + reply)
-        masks.append([0] * len(prompt) + [1] * len(reply))
-    return pad_right(rows, tok.pad_id), pad_right(masks, 0).bool(), torch.tensor([len(r) for r in rows])
-
-
-@torch.no_grad()
-def reward_scores(reward_model: ScalarModel, ids: Tensor, lengths: Tensor, device: torch.device, chunk: int = 64) -> Tensor:
-    """The reward model's score of each right-padded row (B,), in row order, run in length-sorted chunks each cut
-    to its longest row (causal and right-padded: the cut changes no real token; memory stays bounded)."""
-    scores = torch.empty(len(lengths))
-    for rows in length_sorted_chunks(lengths.tolist(), chunk):
-        width = int(lengths[rows].max())
-        scores[rows] = reward_model(ids[rows, :width].to(device), lengths[rows].to(device)).float().cpu()
-    return scores
-
-
-@torch.no_grad()
-def score_replies(policy: nn.Module, reference: nn.Module, reward_model: ScalarModel, tok: Tokenizer, pairs: list,
-                  replies: list[tuple[str, bool]], device: torch.device, chunk: int = 64) -> dict[str, float]:
-    """Learned reward, gold-judge score, KL to the reference (nats/token) and end rate of held-out replies."""
-    ids, mask, lengths = _render_replies(tok, pairs, replies)
-    learned = reward_scores(reward_model, ids, lengths, device, chunk)
-    kl_sum = kl_tokens = 0.0
-    for rows in length_sorted_chunks(lengths.tolist(), chunk):  # as in reward_scores: cut to each chunk's longest
-        width = int(lengths[rows].max())
-        chunk_ids, chunk_mask = ids[rows, :width].to(device), mask[rows, :width].to(device)
-        kl, m = response_token_kl(policy, reference, chunk_ids, chunk_mask)
-        kl_sum += float((kl * m).sum())
-        kl_tokens += float(m.sum())
-    gold = gold_scores(pairs, replies)
-    return {
-        "learned_reward": float(learned.mean()),
-        "gold_score": sum(gold) / len(gold),
-        "kl_to_sft": kl_sum / max(kl_tokens, 1.0),
-        "end_rate": sum(e for _, e in replies) / len(replies),
-    }
-
-
-@torch.no_grad()
-def sampled_reply_scores(policy: nn.Module, reward_model: ScalarModel, tok: Tokenizer, pairs: list, n_samples: int,
-                         temperature: float, max_new_tokens: int, device: torch.device, seed: int = 0,
-                         ) -> tuple[dict[str, float], list[float]]:
-    """Learned reward and gold score of `n_samples` replies per held-out prompt sampled at `temperature`, how
-    often the reward model orders two replies to a prompt as the judge does (`judge_agreement`, where the judge
-    tells them apart), and the gold score of each reply (sample k of prompt i at k * len(pairs) + i).
-
-    PPO maximises E_{y~π(·|x)}[r(x, y)] over replies sampled at its rollout temperature, so this is where its
-    learned reward should rise and where the gold judge checks that the rise is real; the greedy reply is only
-    the mode of π, and a small shift of the logits flips it. The same seed for every checkpoint pairs the draws."""
-    prompts_k = pairs * n_samples
-    replies = generate_replies(policy, tok, [p["prompt"] for p in prompts_k], max_new_tokens,
-                               params=SamplingParams(temperature=temperature), seed=seed)
-    ids, _, lengths = _render_replies(tok, prompts_k, replies)
-    learned = reward_scores(reward_model, ids, lengths, device).tolist()
-    gold = gold_scores(prompts_k, replies)
-    agree, told_apart = judge_agreement(learned, gold, len(pairs))
-    metrics = {"learned_reward_sampled": sum(learned) / len(learned), "gold_score_sampled": sum(gold) / len(gold),
-               "judge_pairs_sampled": float(told_apart)}
-    if told_apart:
-        metrics["rm_judge_agreement_sampled"] = agree / told_apart
-    return metrics, gold
-
-
-def judge_agreement(learned: list[float], gold: list[float], n_prompts: int) -> tuple[int, int]:
-    """(agreeing, compared): among replies to the same prompt that the gold judge scores differently, how many
-    pairs the reward model orders the same way (a tie counts as disagreeing). Reply k of prompt i sits at
-    k * n_prompts + i.
-
-    The reward model's accuracy on the policy's own replies, which is where PPO leans on it: its accuracy on
-    the preference data's pairs says little about replies unlike them, and a policy that moves to where the two
-    disagree is exploiting the reward model (reward over-optimisation, Gao et al. 2022, arXiv:2210.10760)."""
-    agree = compared = 0
-    for i in range(n_prompts):
-        ks = range(i, len(gold), n_prompts)
-        for a in ks:
-            for b in ks:
-                if a < b and gold[a] != gold[b]:
-                    compared += 1
-                    agree += (learned[a] - learned[b]) * (gold[a] - gold[b]) > 0
-    return agree, compared
 
 
 def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overrides: list[str] | None = None,

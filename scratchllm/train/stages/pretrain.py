@@ -178,7 +178,7 @@ def run(
                       data=DataConfig()), overrides
     )
     if init is not None:
-        from scratchllm.train.checkpoint import load_model
+        from scratchllm.model.io import load_model
 
         model, tok, _ = load_model(init)
         sections["model"] = model.config

@@ -19,9 +19,9 @@ from scratchllm.config import LoopConfig, OptimConfig, RewardConfig
 from scratchllm.data.chat_batches import EpochStream, pair_batch, render_pair
 from scratchllm.data.jsonl import read_preferences
 from scratchllm.model.heads import ScalarModel, save_scalar_model
+from scratchllm.model.io import load_model
 from scratchllm.model.lora import has_lora, maybe_inject_lora, merge_lora
 from scratchllm.tokenizer.bpe import Tokenizer
-from scratchllm.train.checkpoint import load_model
 from scratchllm.train.loop import train
 from scratchllm.train.losses import bradley_terry_loss
 from scratchllm.train.stages.runner import base_sections, finish, resolve_sections, stage_main

@@ -25,9 +25,9 @@ from scratchllm.data.sources import DataFormatError, split_files
 from scratchllm.data.tasks import task_conversation
 from scratchllm.eval.chat_eval import end_of_reply_rate, task_pass_at_1
 from scratchllm.eval.metrics import evaluate_lm, token_byte_lengths
+from scratchllm.model.io import load_model
 from scratchllm.model.lora import maybe_inject_lora, save_final_model
 from scratchllm.tokenizer.bpe import Tokenizer
-from scratchllm.train.checkpoint import load_model
 from scratchllm.train.loop import train
 from scratchllm.train.losses import cross_entropy_loss
 from scratchllm.train.stages.pretrain import shard_for

@@ -9,8 +9,8 @@ import torch
 
 from scratchllm.config import ConfigError, DistillConfig, LoopConfig, model_preset
 from scratchllm.model.gpt import GPT
+from scratchllm.model.io import load_model
 from scratchllm.tokenizer.bpe import Tokenizer
-from scratchllm.train.checkpoint import load_model
 from scratchllm.train.stages import distill, pretrain
 from tests.conftest import FAST
 from tests.train.stages.conftest import first_and_last_eval

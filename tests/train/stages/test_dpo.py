@@ -10,8 +10,8 @@ import torch
 from scratchllm.config import DPOConfig, LoopConfig
 from scratchllm.data.chat_batches import pair_batch, render_pair
 from scratchllm.data.jsonl import read_preferences
-from scratchllm.train.checkpoint import load_model
-from scratchllm.train.logprobs import sequence_logprobs
+from scratchllm.model.io import load_model
+from scratchllm.model.logprobs import sequence_logprobs
 from scratchllm.train.losses import dpo_loss
 from scratchllm.train.stages import dpo
 from tests.conftest import FAST

@@ -14,7 +14,7 @@ from torch import nn
 from scratchllm.config import ConfigError, GRPOConfig
 from scratchllm.data.chat_batches import render_sft, sft_batch
 from scratchllm.data.jsonl import read_conversations, read_tasks
-from scratchllm.train.checkpoint import load_model
+from scratchllm.model.io import load_model
 from scratchllm.train.stages import grpo
 from scratchllm.train.stages.grpo import FamilyCurriculum
 from tests.conftest import FAST

@@ -8,7 +8,7 @@ import torch
 from scratchllm.config import ConfigError, SFTConfig
 from scratchllm.data.jsonl import read_tasks
 from scratchllm.data.tasks import canonical_reply, task_conversation
-from scratchllm.train.checkpoint import load_model
+from scratchllm.model.io import load_model
 from scratchllm.train.stages import sft
 from tests.conftest import FAST, SFT_ARGS
 from tests.train.stages.conftest import first_and_last_eval

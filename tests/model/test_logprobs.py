@@ -8,7 +8,7 @@ import torch
 
 from scratchllm.config import model_preset
 from scratchllm.model.gpt import GPT
-from scratchllm.train.logprobs import (
+from scratchllm.model.logprobs import (
     response_token_kl,
     response_token_logprobs,
     sequence_logprobs,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from scratchllm.train.rewards import (
+from scratchllm.data.rewards import (
     char_ngram_dice,
     composite_reward,
     detect_language,
