@@ -7,6 +7,8 @@ is checked against hand-computed values in tests/train/test_losses.py.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -179,6 +181,30 @@ def grpo_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4, scale: 
     return advantages.flatten(), group_has_signal(rewards, group_size, eps)
 
 
+def mean_per_reply(per_token: Tensor, mask: Tensor) -> Tensor:
+    """GRPO's own average (arXiv:2402.03300 eq. 3), 1/G Σ_i 1/|o_i| Σ_t: a short reply's tokens weigh more than a
+    long one's, so a right "The answer is 9." is pushed harder than a right "The answer is 9000.": replies drift
+    shorter. Replies with no counted token are left out. per_token/mask (B, T)."""
+    return masked_mean(masked_mean(per_token, mask, dim=1), mask.any(dim=1))  # eq. 3
+
+
+def mean_per_token(per_token: Tensor, mask: Tensor) -> Tensor:
+    """One mean over every counted token of the batch (DAPO, Yu et al. 2025, arXiv:2503.14476 §3.3)."""
+    return masked_mean(per_token, mask)
+
+
+def per_max_len(max_len: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """Dr. GRPO (Liu et al. 2025, arXiv:2503.20783 §3.1): Σ_i Σ_t / (G · max_len), G the replies with a counted
+    token, max_len the longest reply the rollout allows: every token weighs the same whatever the lengths."""
+    if max_len < 1:
+        raise ValueError(f"per_max_len needs max_len >= 1 (the longest reply the rollout allows), got {max_len}")
+
+    def reduce(per_token: Tensor, mask: Tensor) -> Tensor:
+        return (per_token * mask).sum() / (mask.any(dim=1).sum().clamp(min=1) * max_len)
+
+    return reduce
+
+
 def grpo_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -187,36 +213,20 @@ def grpo_loss(
     mask: Tensor,
     clip_eps: float,
     kl_coef: float,
-    normalise: str = "reply",
-    max_len: int | None = None,
+    average: Callable[[Tensor, Tensor], Tensor] = mean_per_reply,
 ) -> tuple[Tensor, dict[str, float]]:
     """GRPO objective (arXiv:2402.03300 eq. 3) with the k3 KL to the reference (eq. 4), negated for descent.
 
     J = 1/G Σ_i 1/|o_i| Σ_t [min(ρ_t Â_i, clip(ρ_t, 1-ε, 1+ε) Â_i) - β·KL_k3], ρ_t = π/π_old per token.
-    `normalise` says how token terms are averaged (replies with no counted token are left out):
-      "reply"    the paper's 1/G Σ_i 1/|o_i| Σ_t: a short reply's tokens weigh more than a long one's, so a right
-                 "The answer is 9." is pushed harder than a right "The answer is 9000.": replies drift shorter;
-      "token"    one mean over every counted token of the batch (DAPO, Yu et al. 2025, arXiv:2503.14476 §3.3);
-      "constant" Σ_i Σ_t / (G · max_len) (Dr. GRPO, Liu et al. 2025, arXiv:2503.20783 §3.1): every token's weight
-                 is the same whatever the reply's or the batch's lengths.
+    `average` turns the per-token terms into one number: `mean_per_reply` (the paper's, above), `mean_per_token`
+    (DAPO) or `per_max_len(n)` (Dr. GRPO); each is a function here, not a string option (STYLE.md, after TRL).
     logprobs/old/ref/mask (B, T); advantages (B,), one per reply.
     """
     ratio = torch.exp(logprobs - old_logprobs)
     adv = advantages[:, None]
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
     kl = kl_k3(logprobs, ref_logprobs)  # eq. 4
-    per_token = surrogate - kl_coef * kl
-    counted = mask.any(dim=1)
-    if normalise == "reply":
-        loss = -masked_mean(masked_mean(per_token, mask, dim=1), counted)  # eq. 3: 1/G Σ_i 1/|o_i| Σ_t
-    elif normalise == "token":
-        loss = -masked_mean(per_token, mask)
-    elif normalise == "constant":
-        if max_len is None or max_len < 1:
-            raise ValueError("normalise='constant' needs max_len >= 1 (the longest reply the rollout allows)")
-        loss = -(per_token * mask).sum() / (counted.sum().clamp(min=1) * max_len)
-    else:
-        raise ValueError(f"normalise must be 'reply', 'token' or 'constant', got {normalise!r}")
+    loss = -average(surrogate - kl_coef * kl, mask)
     with torch.no_grad():
         clip_frac = masked_mean(((ratio - 1).abs() > clip_eps).float(), mask)
         mean_kl = masked_mean(kl, mask)

@@ -23,7 +23,7 @@ from scratchllm.model.gpt import GPT
 from scratchllm.model.kv_cache import KVCache
 from scratchllm.model.mlp import SwiGLU
 from scratchllm.model.moe import MoE, load_balancing_loss, moe_aux_loss, router_z_loss
-from scratchllm.train.loop import train
+from scratchllm.train.loop import Stage, train
 from scratchllm.train.losses import cross_entropy_loss
 
 VOCAB = 48
@@ -155,7 +155,7 @@ def _tokens(n: int = 4000) -> np.ndarray:
     return np.where(rng.random(n) < 0.1, rng.integers(0, VOCAB, n), base).astype(np.uint16)
 
 
-class ToyLM:
+class ToyLM(Stage):
     """A stage that knows nothing about experts: plain next-token cross-entropy."""
 
     name = "toy"

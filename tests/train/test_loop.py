@@ -21,7 +21,7 @@ from scratchllm.data.shards import ShardError, load_shard, write_shard
 from scratchllm.model.gpt import GPT
 from scratchllm.model.io import load_model
 from scratchllm.train.checkpoint import latest_checkpoint
-from scratchllm.train.loop import TrainingDiverged, train
+from scratchllm.train.loop import Stage, TrainingDiverged, train
 from scratchllm.train.losses import cross_entropy_loss
 from tests.train.two_process import run_two_processes
 
@@ -36,7 +36,7 @@ def _tokens(n: int = 4000) -> np.ndarray:
     return np.where(rng.random(n) < 0.1, noise, base).astype(np.uint16)
 
 
-class ToyLM:
+class ToyLM(Stage):
     name = "toy"
     supports_fsdp = True
 

@@ -20,6 +20,9 @@ from scratchllm.train.losses import (
     grpo_loss,
     kl_k1,
     kl_k3,
+    mean_per_reply,
+    mean_per_token,
+    per_max_len,
     ppo_clip_loss,
     value_loss,
     whiten,
@@ -129,18 +132,18 @@ def test_grpo_loss_normalisations_weigh_tokens_as_documented() -> None:
     logp = torch.zeros(2, 4, requires_grad=True)
     mask = torch.tensor([[True, True, True, True], [True, False, False, False]])
     adv = torch.tensor([1.0, 1.0])
-    expected = {
-        "reply": [[1 / 8] * 4, [1 / 2, 0, 0, 0]],  # 1/G · 1/|o_i|: the short reply's token weighs 4x
-        "token": [[1 / 5] * 4, [1 / 5, 0, 0, 0]],  # one mean over the 5 counted tokens
-        "constant": [[1 / 12] * 4, [1 / 12, 0, 0, 0]],  # 1/(G · max_len), max_len = 6
-    }
-    for normalise, weights in expected.items():
+    expected = [
+        (mean_per_reply, [[1 / 8] * 4, [1 / 2, 0, 0, 0]]),  # 1/G · 1/|o_i|: the short reply's token weighs 4x
+        (mean_per_token, [[1 / 5] * 4, [1 / 5, 0, 0, 0]]),  # one mean over the 5 counted tokens
+        (per_max_len(6), [[1 / 12] * 4, [1 / 12, 0, 0, 0]]),  # 1/(G · max_len), max_len = 6
+    ]
+    for average, weights in expected:
         logp.grad = None
-        loss, _ = grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, 0.2, 0.0, normalise=normalise, max_len=6)
+        loss, _ = grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, 0.2, 0.0, average)
         loss.backward()
-        assert torch.allclose(-logp.grad, torch.tensor(weights)), normalise
+        assert torch.allclose(-logp.grad, torch.tensor(weights)), average
     with pytest.raises(ValueError, match="max_len"):
-        grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, 0.2, 0.0, normalise="constant")
+        per_max_len(0)
 
 
 def test_grpo_advantages_without_std_scaling() -> None:

@@ -9,6 +9,7 @@ With --distill.alpha=1 the teacher is never run: that is the no-teacher baseline
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,9 @@ from scratchllm.eval.metrics import evaluate_lm
 from scratchllm.model.gpt import GPT
 from scratchllm.model.io import load_model
 from scratchllm.tokenizer.bpe import Tokenizer
-from scratchllm.train.loop import train
 from scratchllm.train.losses import cross_entropy_loss, distillation_loss
 from scratchllm.train.stages.pretrain import DEFAULT_LOOP, DEFAULT_OPTIM, PretrainStage, shard_for
-from scratchllm.train.stages.runner import base_sections, finish, resolve_sections, stage_main
+from scratchllm.train.stages.runner import base_sections, run_stage, stage_main
 
 # T=1, not the T=2 of DistillConfig: at T=2 the student lost to plain CE in a 60-step sweep (docs/benchmarks.md).
 DEFAULT_DISTILL = DistillConfig(alpha=0.5, temperature=1.0)
@@ -84,16 +84,20 @@ def run(
 ) -> dict[str, Any]:
     """Train a fresh student (--student-preset, --model.* overrides) from a frozen --teacher model directory."""
     started = time.perf_counter()
-    stage_dir = Path(run_root) / "distill"
     teacher_model, tok, _ = load_model(teacher)
     if tokenizer is not None:
         check_same_tokenizer(tok, Tokenizer.load(tokenizer), Path(teacher), Path(tokenizer))
+    defaults = base_sections(DEFAULT_LOOP, DEFAULT_OPTIM,
+                             model=model_preset(student_preset, vocab_size=teacher_model.config.vocab_size),
+                             distill=DEFAULT_DISTILL)
+    return run_stage(run_root, "distill", defaults, overrides, resume,
+                     partial(build, Path(run_root) / "distill", teacher_model, tok, Path(data_dir)), started=started)
+
+
+def build(stage_dir: Path, teacher_model: GPT, tok: Tokenizer, data_dir: Path, sections: dict[str, Any],
+          ) -> tuple[nn.Module, DistillStage, Tokenizer]:
+    """(student, stage, tokenizer): a fresh student of the preset, the frozen teacher, token shards of the text."""
     vocab = teacher_model.config.vocab_size
-    sections = resolve_sections(
-        base_sections(DEFAULT_LOOP, DEFAULT_OPTIM, model=model_preset(student_preset, vocab_size=vocab),
-                      distill=DEFAULT_DISTILL),
-        overrides,
-    )
     cfg, loop = sections["distill"], sections["loop"]
     if sections["model"].vocab_size != vocab:
         raise ConfigError(f"--model.vocab_size={sections['model'].vocab_size} must equal the teacher's vocab_size={vocab}: "
@@ -112,8 +116,7 @@ def run(
                          shard_for(Path(data_dir) / "val", tok, cache), tok, loop, cfg)
     print(f"[distill] student {student.num_params() / 1e6:.2f}M parameters, teacher {teacher_model.num_params() / 1e6:.2f}M, "
           f"alpha={cfg.alpha} T={cfg.temperature}")
-    metrics = train(student, stage, sections["optim"], loop, stage_dir, resume=resume, tokenizer=tok, config_sections=sections)
-    return finish(stage_dir, metrics, sections, started)
+    return student, stage, tok
 
 
 def _args(parser) -> None:

@@ -8,8 +8,8 @@ chosen/rejected margins, plus end-of-reply rate and task pass@1 so DPO sits in t
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +22,17 @@ from scratchllm.data.jsonl import read_conversations, read_preferences, read_tas
 from scratchllm.eval.chat_eval import end_of_reply_rate, task_pass_at_1
 from scratchllm.model.io import load_model
 from scratchllm.model.logprobs import sequence_logprobs
-from scratchllm.model.lora import maybe_inject_lora, save_final_model
+from scratchllm.model.lora import maybe_inject_lora
 from scratchllm.tokenizer.bpe import Tokenizer
-from scratchllm.train.loop import train
+from scratchllm.train.loop import Stage
 from scratchllm.train.losses import dpo_loss
-from scratchllm.train.stages.runner import base_sections, finish, resolve_sections, stage_main
+from scratchllm.train.stages.runner import base_sections, run_stage, stage_main
 
 DEFAULT_LOOP = LoopConfig(max_steps=60, batch_size=16, eval_every=0, checkpoint_every=30)
 DEFAULT_OPTIM = OptimConfig(lr=1e-4, warmup_steps=5, weight_decay=0.0, min_lr_ratio=0.1)
 
 
-class DPOStage:
+class DPOStage(Stage):
     name = "dpo"
     supports_fsdp = True  # every step calls the whole model; evaluation generates the same replies on every rank
 
@@ -97,17 +97,16 @@ class DPOStage:
     def tokens_in(self, batch: dict[str, Tensor]) -> int:
         return batch["chosen"].numel() + batch["rejected"].numel()
 
-    def save_final(self, model: nn.Module, directory: Path) -> None:
-        save_final_model(model, self.tok, directory, self.sections)
-
 
 def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overrides: list[str] | None = None,
         resume: bool = False) -> dict[str, Any]:
     """DPO from an SFT model (also the frozen reference) on preference pairs."""
-    started = time.perf_counter()
-    stage_dir = Path(run_root) / "dpo"
-    sections = resolve_sections(base_sections(DEFAULT_LOOP, DEFAULT_OPTIM, dpo=DPOConfig()), overrides)
-    data_dir = Path(data_dir)
+    defaults = base_sections(DEFAULT_LOOP, DEFAULT_OPTIM, dpo=DPOConfig())
+    return run_stage(run_root, "dpo", defaults, overrides, resume, partial(build, init, Path(data_dir)))
+
+
+def build(init: Path, data_dir: Path, sections: dict[str, Any]) -> tuple[nn.Module, DPOStage, Tokenizer]:
+    """(model, stage, tokenizer): the --init policy (LoRA if asked), a frozen copy as reference, the pairs."""
     cfg = sections["dpo"]
     train_pairs = read_preferences(data_dir / "prefs_train.jsonl")
     val_pairs = read_preferences(data_dir / "prefs_val.jsonl")[: cfg.eval_pairs]
@@ -118,10 +117,7 @@ def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overri
     reference = copy.deepcopy(model)
     maybe_inject_lora(model, sections["lora"])
     stage = DPOStage(tok, reference, train_pairs, val_pairs, val_convs, val_tasks, sections["dpo"], sections["loop"])
-    stage.sections = sections
-    metrics = train(model.train(), stage, sections["optim"], sections["loop"], stage_dir, resume=resume, tokenizer=tok,
-                    config_sections=sections)
-    return finish(stage_dir, metrics, sections, started)
+    return model.train(), stage, tok
 
 
 def main(argv: list[str]) -> int:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import copy
 import random
-import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +31,19 @@ from scratchllm.eval.significance import paired_change
 from scratchllm.infer.sampling import SamplingParams
 from scratchllm.model.io import load_model
 from scratchllm.model.logprobs import response_token_logprobs
-from scratchllm.model.lora import maybe_inject_lora, save_final_model
+from scratchllm.model.lora import maybe_inject_lora
 from scratchllm.tokenizer.bpe import Tokenizer
-from scratchllm.train.loop import train
-from scratchllm.train.losses import cross_entropy_loss, grpo_advantages, grpo_loss
+from scratchllm.train.loop import Stage
+from scratchllm.train.losses import (
+    cross_entropy_loss,
+    grpo_advantages,
+    grpo_loss,
+    mean_per_reply,
+    mean_per_token,
+    per_max_len,
+)
 from scratchllm.train.rollout import rollout_seed, sample_rollouts
-from scratchllm.train.stages.runner import base_sections, finish, resolve_sections, stage_main
+from scratchllm.train.stages.runner import base_sections, run_stage, stage_main
 
 DEFAULT_LOOP = LoopConfig(max_steps=50, batch_size=1, eval_every=0, checkpoint_every=25, log_every=1)
 DEFAULT_OPTIM = OptimConfig(lr=5e-5, warmup_steps=3, weight_decay=0.0, min_lr_ratio=1.0, grad_clip=1.0)
@@ -86,16 +93,25 @@ def chat_conversations(conversations: list, tasks: list) -> list:
     return [c for c in conversations if not any(m["content"] in questions for m in c["messages"])]
 
 
-class GRPOStage:
+def token_average(cfg: GRPOConfig) -> Callable[[Tensor, Tensor], Tensor]:
+    """The losses.py function `--grpo.loss_norm` names: how the per-token terms of the objective are averaged."""
+    if cfg.loss_norm == "constant":
+        return per_max_len(cfg.max_new_tokens)
+    return {"reply": mean_per_reply, "token": mean_per_token}[cfg.loss_norm]
+
+
+class GRPOStage(Stage):
     name = "grpo"
 
-    def __init__(self, tok: Tokenizer, reference: nn.Module, train_tasks: list, val_tasks: list, cfg: GRPOConfig,
-                 seed: int, reward_fn=composite_reward) -> None:
+    def __init__(self, tok: Tokenizer, policy: nn.Module, reference: nn.Module, train_tasks: list, val_tasks: list,
+                 cfg: GRPOConfig, seed: int, reward_fn=composite_reward) -> None:
+        """`policy`: the model the loop trains, which samples the rollouts; `reference`: a frozen copy for the KL."""
         self.tok, self.reference, self.cfg, self.seed = tok, reference.eval().requires_grad_(False), cfg, seed
+        self.policy = policy
+        self.average = token_average(cfg)
         self.train_tasks, self.val_tasks, self.reward_fn = train_tasks, val_tasks, reward_fn
         self.position = 0  # rollout batches drawn so far (resumable state)
         self.groups_total = self.groups_dropped = 0
-        self.policy: nn.Module | None = None
         self.first_scores: list[float] | None = None  # held-out greedy scores at the first evaluation (step 0)
         self.curriculum = FamilyCurriculum(train_tasks, cfg.curriculum_decay, cfg.curriculum_floor) if cfg.curriculum else None
         self.ptx_stream: EpochStream | None = None
@@ -116,7 +132,6 @@ class GRPOStage:
     @torch.no_grad()
     def _draw(self) -> dict[str, Any]:
         """One draw: `prompts_per_step` tasks × G sampled replies, scored, with group-relative advantages."""
-        assert self.policy is not None, "run() sets the policy before the loop draws batches"
         k = self.position * runtime.world_size() + runtime.rank()  # draw k of one global stream, split across ranks
         rng = random.Random(self.seed * 7919 + k)
         self.position += 1
@@ -186,7 +201,7 @@ class GRPOStage:
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         logprobs, mask = response_token_logprobs(model, batch["ids"], batch["response_mask"])
         loss, stats = grpo_loss(logprobs, batch["old_logprobs"], batch["ref_logprobs"], batch["advantages"].to(logprobs.device),
-                                mask, self.cfg.clip_eps, self.cfg.kl_coef, self.cfg.loss_norm, self.cfg.max_new_tokens)
+                                mask, self.cfg.clip_eps, self.cfg.kl_coef, self.average)
         stats = {**stats, **batch["stats"], "groups_dropped_total": float(self.groups_dropped)}
         if "ptx" in batch:  # GRPO-ptx: + γ · CE on chat conversations, which GRPO never samples
             ptx = batch["ptx"]
@@ -230,9 +245,6 @@ class GRPOStage:
     def tokens_in(self, batch: dict[str, Any]) -> int:
         return int(batch["response_mask"].sum())
 
-    def save_final(self, model: nn.Module, directory: Path) -> None:
-        save_final_model(model, self.tok, directory, self.sections)
-
 
 def verifier_reward(cfg: GRPOConfig) -> Callable[[str, dict[str, Any]], float]:
     """The reward of a reply to a task: the verifiers selected by their weights in `cfg` (correct, format)."""
@@ -243,24 +255,23 @@ def verifier_reward(cfg: GRPOConfig) -> Callable[[str, dict[str, Any]], float]:
 def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overrides: list[str] | None = None,
         resume: bool = False) -> dict[str, Any]:
     """GRPO on the training tasks with verifiable rewards; reports held-out pass@1."""
-    started = time.perf_counter()
-    stage_dir = Path(run_root) / "grpo"
-    sections = resolve_sections(base_sections(DEFAULT_LOOP, DEFAULT_OPTIM, grpo=GRPOConfig()), overrides)
+    defaults = base_sections(DEFAULT_LOOP, DEFAULT_OPTIM, grpo=GRPOConfig())
+    return run_stage(run_root, "grpo", defaults, overrides, resume, partial(build, init, Path(data_dir)))
+
+
+def build(init: Path, data_dir: Path, sections: dict[str, Any]) -> tuple[nn.Module, GRPOStage, Tokenizer]:
+    """(model, stage, tokenizer): the --init policy (LoRA if asked), a frozen copy as reference, the tasks."""
     train_tasks = read_tasks(Path(data_dir) / "tasks_train.jsonl")
     val_tasks = read_tasks(Path(data_dir) / "tasks_val.jsonl")[: sections["grpo"].eval_tasks]
     model, tok, _ = load_model(init)
     sections["model"] = model.config
     reference = copy.deepcopy(model)
     maybe_inject_lora(model, sections["lora"])
-    stage = GRPOStage(tok, reference, train_tasks, val_tasks, sections["grpo"], sections["loop"].seed,
+    stage = GRPOStage(tok, model, reference, train_tasks, val_tasks, sections["grpo"], sections["loop"].seed,
                       verifier_reward(sections["grpo"]))
     if sections["grpo"].ptx_coef > 0:
         stage.add_ptx_data(read_conversations(Path(data_dir) / "sft_train.jsonl"), SFTConfig().max_len)
-    stage.sections = sections
-    stage.policy = model
-    metrics = train(model.train(), stage, sections["optim"], sections["loop"], stage_dir, resume=resume, tokenizer=tok,
-                    config_sections=sections)
-    return finish(stage_dir, metrics, sections, started)
+    return model.train(), stage, tok
 
 
 def main(argv: list[str]) -> int:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import copy
 import random
-import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from scratchllm.model.logprobs import response_token_logprobs
 from scratchllm.model.lora import maybe_inject_lora, save_final_model
 from scratchllm.tokenizer.bpe import Tokenizer
 from scratchllm.train import distributed as dist
-from scratchllm.train.loop import train
+from scratchllm.train.loop import Stage
 from scratchllm.train.losses import (
     cross_entropy_loss,
     gae,
@@ -47,7 +47,7 @@ from scratchllm.train.losses import (
     whiten,
 )
 from scratchllm.train.rollout import Rollout, rollout_logprobs, rollout_seed, sample_rollouts
-from scratchllm.train.stages.runner import base_sections, finish, resolve_sections, stage_main
+from scratchllm.train.stages.runner import base_sections, run_stage, stage_main
 
 DEFAULT_LOOP = LoopConfig(max_steps=60, batch_size=1, eval_every=0, checkpoint_every=20, log_every=1)
 DEFAULT_OPTIM = OptimConfig(lr=2e-4, warmup_steps=3, weight_decay=0.0, min_lr_ratio=1.0, grad_clip=1.0)
@@ -78,19 +78,19 @@ def reward_model_scores(reward_model: ScalarModel, rollout: Rollout, device: tor
     return reward_model(rollout.ids.to(device), rollout.lengths.to(device))
 
 
-class PPOStage:
+class PPOStage(Stage):
     name = "ppo"
 
-    def __init__(self, tok: Tokenizer, reference: GPT, reward_model: ScalarModel, train_records: list, val_pairs: list,
-                 cfg: PPOConfig, seed: int) -> None:
-        """`train_records`: {"prompt": messages, optionally "task": task record}, e.g. the preference pairs."""
-        self.tok, self.cfg, self.seed = tok, cfg, seed
+    def __init__(self, tok: Tokenizer, model: PolicyAndValue, reference: GPT, reward_model: ScalarModel,
+                 train_records: list, val_pairs: list, cfg: PPOConfig, seed: int) -> None:
+        """`model`: what the loop trains (its policy samples the rollouts); `reference`, `reward_model`: frozen.
+        `train_records`: {"prompt": messages, optionally "task": task record}, e.g. the preference pairs."""
+        self.tok, self.model, self.cfg, self.seed = tok, model, cfg, seed
         self.reference = reference.eval().requires_grad_(False)
         self.reward_model = reward_model.eval().requires_grad_(False)
         self.train_records, self.val_pairs = train_records, val_pairs
         self.position = 0
         self.kl_coef = cfg.kl_coef  # β; moved by adaptive_kl_coef when cfg.kl_target > 0
-        self.model: PolicyAndValue | None = None
         self.ptx_stream: EpochStream | None = None
         self.ptx_max_len = 0
         self.reference_questions: set[str] = set()
@@ -124,7 +124,6 @@ class PPOStage:
 
     @torch.no_grad()
     def _rollout_batch(self) -> dict[str, Any]:
-        assert self.model is not None
         policy, value_model = self.model.policy, self.model.value
         device = next(policy.parameters()).device
         self.reference.to(device)
@@ -208,11 +207,8 @@ class PPOStage:
     def tokens_in(self, batch: dict[str, Any]) -> int:
         return int(batch["response_mask"].sum())
 
-    def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-    def save_final(self, model: nn.Module, directory: Path) -> None:
-        save_final_model(model.policy, self.tok, directory, self.sections)
+    def save_final(self, model: nn.Module, directory: Path, tokenizer: Tokenizer, sections: dict[str, Any]) -> None:
+        save_final_model(model.policy, tokenizer, directory, sections)  # the policy alone: the value model stays
 
 
 def reference_task_targets(conversations: list, task_questions: set[str], reference: nn.Module, tok: Tokenizer,
@@ -240,10 +236,15 @@ def reference_task_targets(conversations: list, task_questions: set[str], refere
 def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overrides: list[str] | None = None,
         resume: bool = False, reward_model: Path | None = None) -> dict[str, Any]:
     """PPO from an SFT model against a trained reward model (--reward-model)."""
-    started = time.perf_counter()
-    stage_dir = Path(run_root) / "ppo"
-    sections = resolve_sections(base_sections(DEFAULT_LOOP, DEFAULT_OPTIM, ppo=PPOConfig()), overrides)
     reward_dir = Path(reward_model) if reward_model else Path(run_root) / "reward" / "final"
+    defaults = base_sections(DEFAULT_LOOP, DEFAULT_OPTIM, ppo=PPOConfig())
+    return run_stage(run_root, "ppo", defaults, overrides, resume, partial(build, init, Path(data_dir), reward_dir))
+
+
+def build(init: Path, data_dir: Path, reward_dir: Path, sections: dict[str, Any],
+          ) -> tuple[nn.Module, PPOStage, Tokenizer]:
+    """(model, stage, tokenizer): the --init policy (LoRA if asked) beside a value model started from the reward
+    model, a frozen copy of the policy as reference, the reward model, the prompts."""
     train_pairs = read_preferences(Path(data_dir) / "prefs_train.jsonl")
     val_pairs = read_preferences(Path(data_dir) / "prefs_val.jsonl")
     policy, tok, _ = load_model(init)
@@ -255,18 +256,14 @@ def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overri
     model = PolicyAndValue(policy.train(), value)
     if sections["ppo"].train_prompts == "chat":
         train_pairs = [p for p in train_pairs if not p.get("task")]
-    stage = PPOStage(tok, reference, rm, train_pairs, val_pairs, sections["ppo"], sections["loop"].seed)
+    stage = PPOStage(tok, model, reference, rm, train_pairs, val_pairs, sections["ppo"], sections["loop"].seed)
     if sections["ppo"].ptx_coef > 0:
         conversations = read_conversations(Path(data_dir) / "sft_train.jsonl")
         task_questions = None
         if sections["ppo"].ptx_targets in ("reference", "sampled"):
             task_questions = {t["prompt"][-1]["content"] for t in read_tasks(Path(data_dir) / "tasks_train.jsonl")}
         stage.add_ptx_data(conversations, SFTConfig().max_len, task_questions)
-    stage.sections = sections
-    stage.model = model
-    metrics = train(model, stage, sections["optim"], sections["loop"], stage_dir, resume=resume, tokenizer=tok,
-                    config_sections=sections)
-    return finish(stage_dir, metrics, sections, started)
+    return model, stage, tok
 
 
 def _args(parser) -> None:

@@ -10,6 +10,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,9 @@ from scratchllm.eval.chat_eval import task_pass_at_1
 from scratchllm.eval.metrics import copy_accuracy, evaluate_lm, token_byte_lengths
 from scratchllm.model.gpt import GPT
 from scratchllm.tokenizer.bpe import Tokenizer
-from scratchllm.train.loop import train
+from scratchllm.train.loop import Stage
 from scratchllm.train.losses import cross_entropy_loss
-from scratchllm.train.stages.runner import base_sections, finish, resolve_sections, stage_main
+from scratchllm.train.stages.runner import base_sections, resolve_sections, run_stage, stage_main
 
 # The default run's pretraining: a fixed number of steps, the same model on every machine (docs/results.md).
 DEFAULT_LOOP = LoopConfig(max_steps=300, batch_size=16, seq_len=256, eval_every=100, eval_batches=16,
@@ -40,7 +41,7 @@ DEFAULT_LOOP = LoopConfig(max_steps=300, batch_size=16, seq_len=256, eval_every=
 DEFAULT_OPTIM = OptimConfig(lr=3e-3, warmup_steps=30, weight_decay=0.1, min_lr_ratio=0.1, muon_lr=0.02)
 
 
-class PretrainStage:
+class PretrainStage(Stage):
     name = "pretrain"
     supports_fsdp = True  # every step calls the whole model (--loop.parallel=fsdp)
 
@@ -162,7 +163,6 @@ def run(
 ) -> dict[str, Any]:
     """Pretrain a GPT from scratch (or continue from --init) on text files."""
     started = time.perf_counter()
-    stage_dir = Path(run_root) / "pretrain"
     # the overrides are checked before the tokenizer is trained (a minute), then again with its vocabulary
     resolve_sections(base_sections(DEFAULT_LOOP, DEFAULT_OPTIM, model=model_preset(preset), data=DataConfig()),
                      overrides)
@@ -173,10 +173,15 @@ def run(
         train_tokenizer_from_files(split_files(data_dir / "train"), TokenizerConfig().vocab_size, tokenizer,
                                    read_prefix=text_prefix)  # .txt, .jsonl or .parquet alike
     tok = Tokenizer.load(tokenizer)
-    sections = resolve_sections(
-        base_sections(DEFAULT_LOOP, DEFAULT_OPTIM, model=model_preset(preset, vocab_size=tok.vocab_size),
-                      data=DataConfig()), overrides
-    )
+    defaults = base_sections(DEFAULT_LOOP, DEFAULT_OPTIM, model=model_preset(preset, vocab_size=tok.vocab_size),
+                             data=DataConfig())
+    return run_stage(run_root, "pretrain", defaults, overrides, resume,
+                     partial(build, Path(run_root) / "pretrain", init, tok, data_dir), started=started)
+
+
+def build(stage_dir: Path, init: Path | None, tok: Tokenizer, data_dir: Path, sections: dict[str, Any],
+          ) -> tuple[nn.Module, PretrainStage, Tokenizer]:
+    """(model, stage, tokenizer): a fresh model of the preset (or --init's), and token shards of the text."""
     if init is not None:
         from scratchllm.model.io import load_model
 
@@ -201,8 +206,7 @@ def run(
           + (f" in {len(train_tokens)} shards" if shard_tokens else "")
           + (f" + {len(chat_tokens) / 1e6:.2f}M chat-format tokens in {data.chat_rows} of {loop.batch_size} rows"
              if chat_tokens is not None else ""))
-    metrics = train(model, stage, sections["optim"], loop, stage_dir, resume=resume, tokenizer=tok, config_sections=sections)
-    return finish(stage_dir, metrics, sections, started)
+    return model, stage, tok
 
 
 def _args(parser) -> None:

@@ -6,9 +6,9 @@ each sequence's last real token (model/heads.py).
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,9 @@ from scratchllm.model.heads import ScalarModel, save_scalar_model
 from scratchllm.model.io import load_model
 from scratchllm.model.lora import has_lora, maybe_inject_lora, merge_lora
 from scratchllm.tokenizer.bpe import Tokenizer
-from scratchllm.train.loop import train
+from scratchllm.train.loop import Stage
 from scratchllm.train.losses import bradley_terry_loss
-from scratchllm.train.stages.runner import base_sections, finish, resolve_sections, stage_main
+from scratchllm.train.stages.runner import base_sections, run_stage, stage_main
 
 # 80 s (~85 steps on 2 cores): at ~42 steps the model ranked 65% of off-topic pairs and PPO exploited the rest.
 DEFAULT_LOOP = LoopConfig(max_steps=40, batch_size=32, eval_every=0, checkpoint_every=20)
@@ -46,7 +46,7 @@ def _pad_to(ids: Tensor, width: int) -> Tensor:
     return torch.nn.functional.pad(ids, (0, width - ids.shape[1]))  # pads are never read: lengths mark the end
 
 
-class RewardStage:
+class RewardStage(Stage):
     name = "reward"
 
     def __init__(self, tok: Tokenizer, train_pairs: list, val_pairs: list, cfg: RewardConfig, loop: LoopConfig) -> None:
@@ -88,29 +88,28 @@ class RewardStage:
     def tokens_in(self, batch: dict[str, Tensor]) -> int:
         return batch["chosen"].numel() + batch["rejected"].numel()
 
-    def save_final(self, model: nn.Module, directory: Path) -> None:
+    def save_final(self, model: nn.Module, directory: Path, tokenizer: Tokenizer, sections: dict[str, Any]) -> None:
         if has_lora(model):  # no adapter-only copy: without the trained head it would not be a reward model
             merge_lora(model)
-        save_scalar_model(directory, model, self.tok, self.sections)
+        save_scalar_model(directory, model, tokenizer, sections)
 
 
 def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overrides: list[str] | None = None,
         resume: bool = False) -> dict[str, Any]:
     """Train a reward model (trunk initialised from --init) on preference pairs."""
-    started = time.perf_counter()
-    stage_dir = Path(run_root) / "reward"
-    sections = resolve_sections(base_sections(DEFAULT_LOOP, DEFAULT_OPTIM, reward=RewardConfig()), overrides)
+    defaults = base_sections(DEFAULT_LOOP, DEFAULT_OPTIM, reward=RewardConfig())
+    return run_stage(run_root, "reward", defaults, overrides, resume, partial(build, init, Path(data_dir)))
+
+
+def build(init: Path, data_dir: Path, sections: dict[str, Any]) -> tuple[nn.Module, RewardStage, Tokenizer]:
+    """(model, stage, tokenizer): the --init trunk under a new scalar head, and the preference pairs."""
     train_pairs = read_preferences(Path(data_dir) / "prefs_train.jsonl")
     val_pairs = read_preferences(Path(data_dir) / "prefs_val.jsonl")
     trunk, tok, _ = load_model(init)
     sections["model"] = trunk.config
     model = ScalarModel(trunk).train()
     maybe_inject_lora(model.trunk, sections["lora"])  # the new `score` head always trains in full
-    stage = RewardStage(tok, train_pairs, val_pairs, sections["reward"], sections["loop"])
-    stage.sections = sections
-    metrics = train(model, stage, sections["optim"], sections["loop"], stage_dir, resume=resume, tokenizer=tok,
-                    config_sections=sections)
-    return finish(stage_dir, metrics, sections, started)
+    return model, RewardStage(tok, train_pairs, val_pairs, sections["reward"], sections["loop"]), tok
 
 
 def main(argv: list[str]) -> int:

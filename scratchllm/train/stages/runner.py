@@ -1,7 +1,8 @@
-"""Plumbing every stage command shares: common flags, config sections with overrides, summary.json.
+"""Plumbing every stage command shares: common flags, config sections with overrides, the run template, summary.json.
 
-A stage module defines `run(...)` (called in-process by the pipeline) and a `main(argv)` built from
-`stage_main`, so `scratchllm sft --init … --loop.max_steps=50` and the pipeline take the same path.
+A stage module defines `run(...)` (called in-process by the pipeline) as `run_stage` with its defaults and a
+`build` that makes its model and stage, and a `main(argv)` built from `stage_main`, so
+`scratchllm sft --init … --loop.max_steps=50` and the pipeline take the same path.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from scratchllm.config import (
     LoopConfig,
@@ -26,6 +28,7 @@ from scratchllm.config import (
     to_dict,
 )
 from scratchllm.train.checkpoint import resume_point
+from scratchllm.train.loop import Stage, train
 
 
 def seed_everything(seed: int) -> None:
@@ -55,6 +58,21 @@ def finish(stage_dir: Path, metrics: dict[str, Any], sections: dict[str, Any], s
     summary = {**metrics, "time_s": round(time.perf_counter() - started, 1)}
     save_json(stage_dir / "summary.json", {"summary": summary, "config": to_dict(sections)})
     return summary
+
+
+def run_stage(run_root: Path, name: str, defaults: dict[str, Any], overrides: list[str] | None, resume: bool,
+              build: Callable[[dict[str, Any]], tuple[nn.Module, Stage, Any]], started: float | None = None,
+              ) -> dict[str, Any]:
+    """The template every stage's `run` shares: resolve the config (seeding every generator first), build
+    (model, stage, tokenizer) from it, train in <run_root>/<name>, write summary.json. `started`: when the
+    command began, if it did work before this (pretraining's tokenizer, distillation's teacher)."""
+    started = time.perf_counter() if started is None else started
+    stage_dir = Path(run_root) / name
+    sections = resolve_sections(defaults, overrides)
+    model, stage, tokenizer = build(sections)
+    metrics = train(model, stage, sections["optim"], sections["loop"], stage_dir, resume=resume, tokenizer=tokenizer,
+                    config_sections=sections)
+    return finish(stage_dir, metrics, sections, started)
 
 
 def stage_main(

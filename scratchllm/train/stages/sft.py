@@ -8,8 +8,8 @@ pretraining text per step (replay, as InstructGPT's "PPO-ptx" mixes pretraining 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +26,18 @@ from scratchllm.data.tasks import task_conversation
 from scratchllm.eval.chat_eval import end_of_reply_rate, task_pass_at_1
 from scratchllm.eval.metrics import evaluate_lm, token_byte_lengths
 from scratchllm.model.io import load_model
-from scratchllm.model.lora import maybe_inject_lora, save_final_model
+from scratchllm.model.lora import maybe_inject_lora
 from scratchllm.tokenizer.bpe import Tokenizer
-from scratchllm.train.loop import train
+from scratchllm.train.loop import Stage
 from scratchllm.train.losses import cross_entropy_loss
 from scratchllm.train.stages.pretrain import shard_for
-from scratchllm.train.stages.runner import base_sections, finish, resolve_sections, stage_main
+from scratchllm.train.stages.runner import base_sections, run_stage, stage_main
 
 DEFAULT_LOOP = LoopConfig(max_steps=100, batch_size=32, eval_every=0, eval_batches=8, checkpoint_every=50)
 DEFAULT_OPTIM = OptimConfig(lr=1e-3, warmup_steps=20, weight_decay=0.0, min_lr_ratio=0.1)
 
 
-class SFTStage:
+class SFTStage(Stage):
     name = "sft"
     supports_fsdp = True  # every step calls the whole model; evaluation generates the same replies on every rank
 
@@ -94,9 +94,6 @@ class SFTStage:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stream.position = state["position"]
 
-    def save_final(self, model: nn.Module, directory: Path) -> None:
-        save_final_model(model, self.tok, directory, self.sections)
-
 
 def pretraining_tokens(text_dir: Path, tok: Tokenizer, run_root: Path) -> tuple[np.ndarray, np.ndarray] | None:
     """(train, val) tokens of the pretraining text, reusing pretrain's shards when the tokenizer matches."""
@@ -113,10 +110,12 @@ def pretraining_tokens(text_dir: Path, tok: Tokenizer, run_root: Path) -> tuple[
 def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overrides: list[str] | None = None,
         resume: bool = False) -> dict[str, Any]:
     """Fine-tune a pretrained model on chat conversations (loss on assistant tokens only)."""
-    started = time.perf_counter()
-    stage_dir = Path(run_root) / "sft"
-    sections = resolve_sections(base_sections(DEFAULT_LOOP, DEFAULT_OPTIM, sft=SFTConfig()), overrides)
-    data_dir = Path(data_dir)
+    defaults = base_sections(DEFAULT_LOOP, DEFAULT_OPTIM, sft=SFTConfig())
+    return run_stage(run_root, "sft", defaults, overrides, resume, partial(build, run_root, init, Path(data_dir)))
+
+
+def build(run_root: Path, init: Path, data_dir: Path, sections: dict[str, Any]) -> tuple[nn.Module, SFTStage, Tokenizer]:
+    """(model, stage, tokenizer): the --init model, with LoRA adapters if asked, and its chat data."""
     if sections["sft"].train_data == "tasks":  # validated before any compute
         train_convs = [task_conversation(t) for t in read_tasks(data_dir / "tasks_train.jsonl")]
     else:
@@ -128,11 +127,8 @@ def run(run_root: Path, init: Path, data_dir: Path = Path("corpus/chat"), overri
     maybe_inject_lora(model, sections["lora"])
     stage = SFTStage(tok, train_convs, val_convs, val_tasks, sections["sft"], sections["loop"],
                      pretraining_tokens(Path(sections["sft"].pretrain_data), tok, Path(run_root)))
-    stage.sections = sections
     torch.manual_seed(sections["loop"].seed)
-    metrics = train(model, stage, sections["optim"], sections["loop"], stage_dir, resume=resume, tokenizer=tok,
-                    config_sections=sections)
-    return finish(stage_dir, metrics, sections, started)
+    return model, stage, tok
 
 
 def main(argv: list[str]) -> int:

@@ -43,8 +43,7 @@ def test_grpo_dynamic_sampling_fills_the_batch_with_groups_that_carry_signal(sft
     # Only `add` tasks can give a group mixed rewards; every other group is all-zero and must be left out.
     reward_fn = lambda text, task: float(len(text) % 2) if task["family"] == "add" else 0.0
     cfg = GRPOConfig(group_size=4, prompts_per_step=3, max_new_tokens=6, max_draws=6, curriculum=False)
-    stage = grpo.GRPOStage(tok, copy.deepcopy(model), tasks, tasks[:4], cfg, seed=0, reward_fn=reward_fn)
-    stage.policy = model
+    stage = grpo.GRPOStage(tok, model, copy.deepcopy(model), tasks, tasks[:4], cfg, seed=0, reward_fn=reward_fn)
     batch = stage._rollout_batch()
     advantages = batch["advantages"].view(-1, cfg.group_size)
     assert batch["stats"]["draws"] > 1  # one draw of 3 tasks rarely holds 3 `add` groups
@@ -75,8 +74,7 @@ def test_grpo_ptx_adds_the_weighted_sft_loss_on_chat_only_and_resumes_its_stream
     losses = {}
     for coef in (0.0, 2.0):
         cfg = GRPOConfig(group_size=2, prompts_per_step=2, max_new_tokens=4, max_draws=1, ptx_coef=coef, ptx_batch=3)
-        stage = grpo.GRPOStage(tok, copy.deepcopy(model), tasks, tasks[:2], cfg, seed=0)
-        stage.policy = model
+        stage = grpo.GRPOStage(tok, model, copy.deepcopy(model), tasks, tasks[:2], cfg, seed=0)
         stage.add_ptx_data(conversations, 64)
         chats = grpo.chat_conversations(conversations, tasks)
         assert chats and not any(m["content"] in questions for c in chats for m in c["messages"])
@@ -125,11 +123,11 @@ def test_later_evaluations_report_tasks_won_lost_and_mcnemar_p_against_the_first
                         [1, 1, 1, 1, 0, 1, 1, 0]])  # later: 5 won, 1 lost
     monkeypatch.setattr(grpo, "task_scores", lambda model, tok, tasks, max_new_tokens: [float(s) for s in next(evaluations)])
     cfg = GRPOConfig(eval_samples=0, curriculum=False)
-    stage = grpo.GRPOStage(None, nn.Linear(1, 1), EVAL_TASKS, EVAL_TASKS, cfg, seed=0)
+    stage = grpo.GRPOStage(None, nn.Linear(1, 1), nn.Linear(1, 1), EVAL_TASKS, EVAL_TASKS, cfg, seed=0)
     first = stage.evaluate(nn.Linear(1, 1))
     assert first["pass_at_1"] == 0.25 and "pass_at_1_p" not in first
     # A resumed run keeps the step-0 scores, so its later evaluations are paired with the same baseline.
-    resumed = grpo.GRPOStage(None, nn.Linear(1, 1), EVAL_TASKS, EVAL_TASKS, cfg, seed=0)
+    resumed = grpo.GRPOStage(None, nn.Linear(1, 1), nn.Linear(1, 1), EVAL_TASKS, EVAL_TASKS, cfg, seed=0)
     resumed.load_state_dict(stage.state_dict())
     later = resumed.evaluate(nn.Linear(1, 1))
     assert later["pass_at_1"] == 0.75 and later["pass_at_1/add"] == 1.0 and later["pass_at_1/sort"] == 0.5

@@ -57,8 +57,8 @@ def test_ppo_ranks_draw_different_rollouts_and_one_process_its_usual_stream(tiny
     for rank, world_size in [(0, 1), (0, 2), (1, 2)]:
         monkeypatch.setattr(ppo.runtime, "rank", lambda rank=rank: rank)
         monkeypatch.setattr(ppo.runtime, "world_size", lambda n=world_size: n)
-        stage = ppo.PPOStage(tok, model, ScalarModel(model), records, [], PPOConfig(rollout_batch=4), seed=5)
-        stage.model = ppo.PolicyAndValue(model, ScalarModel(model))
+        stage = ppo.PPOStage(tok, ppo.PolicyAndValue(model, ScalarModel(model)), model, ScalarModel(model), records, [],
+                             PPOConfig(rollout_batch=4), seed=5)
         with pytest.raises(Drawn) as caught:
             stage._rollout_batch()
         drawn[rank, world_size] = caught.value.args
@@ -90,8 +90,7 @@ def test_ppo_adds_the_verifier_of_task_prompts_to_the_reward_model_score(tiny_wo
     reward_model, value_model, returns = ScalarModel(model), ScalarModel(model), {}
     for weight in (0.0, 2.5):  # γ = λ = 1, β = 0: the return at a reply's first token is its whole reward
         cfg = PPOConfig(rollout_batch=3, kl_coef=0.0, gamma=1.0, gae_lambda=1.0, verifier_weight=weight)
-        stage = ppo.PPOStage(tok, model, reward_model, records, [], cfg, seed=5)
-        stage.model = ppo.PolicyAndValue(model, value_model)
+        stage = ppo.PPOStage(tok, ppo.PolicyAndValue(model, value_model), model, reward_model, records, [], cfg, seed=5)
         batch = stage._rollout_batch()
         first = batch["response_mask"][:, 1:].float().argmax(1)  # first reply token in the shifted (B, T-1) frame
         returns[weight] = batch["returns"][torch.arange(3), first]
@@ -106,9 +105,8 @@ def test_ppo_ptx_adds_the_weighted_sft_loss_and_resumes_its_stream(tiny_world) -
     conversations = read_conversations(data / "sft_train.jsonl")
     reward_model, value_model, losses = ScalarModel(model), ScalarModel(model), {}
     for coef in (0.0, 2.0):
-        stage = ppo.PPOStage(tok, model, reward_model, records, [],
+        stage = ppo.PPOStage(tok, ppo.PolicyAndValue(model, value_model), model, reward_model, records, [],
                              PPOConfig(rollout_batch=2, max_new_tokens=4, ptx_coef=coef, ptx_batch=3), seed=5)
-        stage.model = ppo.PolicyAndValue(model, value_model)
         stage.add_ptx_data(conversations, 64)
         batch = next(stage.batches("train"))
         assert ("ptx" in batch) == (coef > 0)
@@ -139,25 +137,25 @@ def test_ppo_adaptive_kl_raises_beta_above_its_target_and_resumes_it(tiny_world)
             p.add_(0.05 * torch.randn_like(p))
     records = read_preferences(data / "prefs_train.jsonl")
     for target in (0.0, 1e-3):
-        stage = ppo.PPOStage(tok, reference, ScalarModel(reference), records, [],
+        stage = ppo.PPOStage(tok, ppo.PolicyAndValue(policy, ScalarModel(copy.deepcopy(reference))), reference,
+                             ScalarModel(reference), records, [],
                              PPOConfig(rollout_batch=4, max_new_tokens=6, kl_target=target, kl_horizon=40), seed=3)
-        stage.model = ppo.PolicyAndValue(policy, ScalarModel(copy.deepcopy(reference)))
         stats = next(stage.batches("train"))["stats"]
         assert stats["kl_coef"] == 0.2 and stats["kl"] > 2 * target  # the batch paid the starting beta
         if target == 0:
             assert stage.kl_coef == 0.2  # a fixed beta by default
         else:  # KL above the target: beta grows by the clipped 20% x 4 replies / horizon 40
             assert stage.kl_coef == pytest.approx(0.2 * (1 + 0.2 * 4 / 40))
-            resumed = ppo.PPOStage(tok, reference, ScalarModel(reference), records, [], stage.cfg, seed=3)
+            resumed = ppo.PPOStage(tok, stage.model, reference, ScalarModel(reference), records, [], stage.cfg, seed=3)
             resumed.load_state_dict(stage.state_dict())
             assert resumed.kl_coef == stage.kl_coef
     # The reward pays the stage's current beta: with gamma = lambda = 1 the first reply token's return is the
     # score minus beta x the reply's summed KL, so the same rollout at beta 0, 0.2, 0.4 gives returns in a line.
     returns, reward_model = [], ScalarModel(reference)  # one head: ScalarModel draws its score head at random
     for beta in (0.0, 0.2, 0.4):
-        stage = ppo.PPOStage(tok, reference, reward_model, records, [],
-                             PPOConfig(rollout_batch=4, max_new_tokens=6, gae_lambda=1.0), seed=3)
-        stage.model, stage.kl_coef = ppo.PolicyAndValue(policy, ScalarModel(copy.deepcopy(reference))), beta
+        stage = ppo.PPOStage(tok, ppo.PolicyAndValue(policy, ScalarModel(copy.deepcopy(reference))), reference,
+                             reward_model, records, [], PPOConfig(rollout_batch=4, max_new_tokens=6, gae_lambda=1.0), seed=3)
+        stage.kl_coef = beta
         batch = next(stage.batches("train"))
         first = batch["response_mask"][:, 1:].float().argmax(1)
         returns.append(batch["returns"][torch.arange(4), first])
@@ -185,7 +183,7 @@ def test_ppo_ptx_reference_targets_replace_task_replies_with_the_reference_model
     with pytest.raises(ConfigError, match="allowed values are data, reference, sampled"):
         PPOConfig(ptx_targets="teacher")
     # The stage generates these targets for the conversations of each drawn PPO-ptx batch only.
-    stage = ppo.PPOStage(tok, model, ScalarModel(model), [], [],
+    stage = ppo.PPOStage(tok, ppo.PolicyAndValue(model, ScalarModel(model)), model, ScalarModel(model), [], [],
                          PPOConfig(ptx_batch=len(conversations), ptx_targets="reference"), seed=0)
     stage.add_ptx_data(conversations, 256, reference_questions=questions)
     drawn = stage.ptx_stream.batch_items(0)
