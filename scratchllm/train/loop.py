@@ -193,6 +193,7 @@ class Run:
         named = list(stage.trainable_parameters(model))
         self.params = [p for _, p in named]
         self.optimizer = build_optimizer(named, optim, self.device)
+        self.log: MetricsLog  # opened by `start`, once resume has said from which step
         self.step, self.skipped, self.train_seconds, self.bad_streak = 0, 0, 0.0, 0
         self.guard = SpikeGuard(loop.spike_factor)
         self.splits = 1  # each drawn batch runs as this many micro-batches; doubles on CUDA out-of-memory
