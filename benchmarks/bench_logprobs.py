@@ -1,4 +1,4 @@
-"""Per-token log-probs with gradients, as DPO, PPO and GRPO take them: `train.logprobs.token_logprobs` against
+"""Per-token log-probs with gradients, as DPO, PPO and GRPO take them: `model.logprobs.token_logprobs` against
 the same row-by-row computation that picks rows by indexing, same run.
 
     python benchmarks/bench_logprobs.py [--batch 8 32 64] [--seq 48] [--vocab 4096] [--repeats 5]
