@@ -15,6 +15,7 @@ import json
 import secrets
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -152,23 +153,8 @@ class Guard:
         return await self.app(scope, counted_receive, send)
 
 
-def create_app(model: GPT, tok: Tokenizer, model_name: str = "scratchllm", api_key: str | None = None,
-               max_batch: int = 32, max_queue: int = 64, max_body_bytes: int = 1_000_000, prefill_chunk: int = 128,
-               engine: Any = None, compile: bool = False) -> Guard:
-    """The ASGI app. `engine`: anything with ContinuousEngine's submit/queued/busy_rows/start (the benchmark passes
-    the old wave engine as its reference); by default a ContinuousEngine on `model` (`compile`: its decode step
-    through torch.compile)."""
-    # subtle: FastAPI resolves these annotations by name at module level (this file uses postponed annotations)
-    app = FastAPI(title="scratchllm", version="0.2.0")
-    if engine is None:
-        engine = ContinuousEngine(model.eval(), reply_stop_ids(tok), max_batch, max_queue, prefill_chunk,
-                                  compile=compile)
-    engine.start()
-    app.state.engine = engine
-    context = model.config.max_seq_len
-    # A token is at most this many bytes, so a text of more than context * this many bytes cannot fit: it is
-    # refused before the (slow, pure-Python) tokenizer sees it.
-    max_token_bytes = max(len(b) for b in tok.vocab)
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's JSON error body: 400 for an invalid request, the route's own 4xx, 500 with the reason."""
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -191,29 +177,31 @@ def create_app(model: GPT, tok: Tokenizer, model_name: str = "scratchllm", api_k
     async def server_error(_: Request, exc: Exception) -> JSONResponse:
         return error_response(500, f"{type(exc).__name__}: {exc}", "server_error")
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "queued": engine.queued, "decoding": engine.busy_rows}
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "scratchllm"}]}
+@dataclass
+class Served:
+    """What the completion routes share: the engine, the tokenizer, the served model's name and context."""
 
-    @app.get("/")
-    async def page() -> FileResponse:
-        return FileResponse(STATIC / "chat.html")
+    engine: Any
+    tok: Tokenizer
+    model_name: str
+    context: int
+    # A token is at most this many bytes, so a text of more than context * this many bytes cannot fit: it is
+    # refused before the (slow, pure-Python) tokenizer sees it.
+    max_token_bytes: int
 
-    def check_fits(n_bytes: int) -> None:
-        if n_bytes > context * max_token_bytes:
-            raise HTTPException(400, f"prompt is at least {n_bytes // max_token_bytes} tokens; "
-                                     f"the context holds {context} tokens")
+    def check_fits(self, n_bytes: int) -> None:
+        if n_bytes > self.context * self.max_token_bytes:
+            raise HTTPException(400, f"prompt is at least {n_bytes // self.max_token_bytes} tokens; "
+                                     f"the context holds {self.context} tokens")
 
-    def submit(req: ChatRequest | CompletionRequest, prompt_ids: list[int], n_logprobs: int | None,
+    def submit(self, req: ChatRequest | CompletionRequest, prompt_ids: list[int], n_logprobs: int | None,
                events: asyncio.Queue) -> list[Job]:
-        if len(prompt_ids) + 1 > context:
-            raise HTTPException(400, f"prompt is {len(prompt_ids)} tokens; the context holds {context} tokens")
+        """One engine job per choice (`n`); 429 with Retry-After, and none of them kept, when the queue is full."""
+        if len(prompt_ids) + 1 > self.context:
+            raise HTTPException(400, f"prompt is {len(prompt_ids)} tokens; the context holds {self.context} tokens")
         asked = getattr(req, "max_completion_tokens", None) or req.max_tokens or DEFAULT_MAX_TOKENS
-        max_new = min(asked, context - len(prompt_ids))
+        max_new = min(asked, self.context - len(prompt_ids))
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         params = SamplingParams(temperature=req.temperature, top_p=req.top_p, presence_penalty=req.presence_penalty,
                                 frequency_penalty=req.frequency_penalty)
@@ -222,8 +210,8 @@ def create_app(model: GPT, tok: Tokenizer, model_name: str = "scratchllm", api_k
         for i in range(req.n):
             seed = None if req.seed is None else req.seed + i
             job = Job(prompt_ids, max_new, params, seed, n_logprobs, index=i, events=events, loop=loop,
-                      reply=ReplyText(tok, stop))
-            if not engine.submit(job):
+                      reply=ReplyText(self.tok, stop))
+            if not self.engine.submit(job):
                 for queued in jobs:
                     queued.cancelled = True
                 raise HTTPException(429, "the request queue is full; retry shortly",
@@ -231,144 +219,193 @@ def create_app(model: GPT, tok: Tokenizer, model_name: str = "scratchllm", api_k
             jobs.append(job)
         return jobs
 
-    def chat_logprobs(entries: list[TokenEntry]) -> dict[str, Any]:
+    def chat_logprobs(self, entries: list[TokenEntry]) -> dict[str, Any]:
         def one(token: int, logprob: float) -> dict[str, Any]:
-            raw = tok.token_bytes(token)
+            raw = self.tok.token_bytes(token)
             return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
 
         return {"content": [{**one(e.token, e.logprob.logprob), "top_logprobs": [one(t, lp) for t, lp in e.logprob.top]}
                             for e in entries if e.logprob is not None]}
 
-    def completion_logprobs(entries: list[TokenEntry], offset: int) -> dict[str, Any]:
+    def completion_logprobs(self, entries: list[TokenEntry], offset: int) -> dict[str, Any]:
         def text(token: int) -> str:
-            return tok.token_bytes(token).decode("utf-8", "replace")
+            return self.tok.token_bytes(token).decode("utf-8", "replace")
 
         scored = [e for e in entries if e.logprob is not None]
         return {"tokens": [text(e.token) for e in scored], "token_logprobs": [e.logprob.logprob for e in scored],
                 "top_logprobs": [{text(t): lp for t, lp in e.logprob.top} for e in scored],
                 "text_offset": [offset + e.start for e in scored]}
 
-    async def watch_disconnect(request: Request, jobs: list[Job]) -> None:
-        """Waits for the client to hang up (the body is already read, so the next ASGI message is the disconnect),
-        then frees its rows: the engine drops them at its next step, streaming or not."""
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        for job in jobs:
-            job.cancelled = True
 
-    async def respond(req: ChatRequest | CompletionRequest, prompt_ids: list[int], request: Request, chat: bool):
-        if req.model != model_name:
-            raise HTTPException(404, f"unknown model {req.model!r}; this server serves {model_name!r}")
+async def watch_disconnect(request: Request, jobs: list[Job]) -> None:
+    """Waits for the client to hang up (the body is already read, so the next ASGI message is the disconnect),
+    then frees its rows: the engine drops them at its next step, streaming or not."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    for job in jobs:
+        job.cancelled = True
+
+
+class Reply:
+    """One request's reply, whole (`body`) or streamed as server-sent events (`events_stream`), from the events its
+    jobs push. Every way out (done, error, a client that hangs up) cancels the jobs, so their rows are freed."""
+
+    def __init__(self, served: Served, req: ChatRequest | CompletionRequest, prompt_ids: list[int], request: Request,
+                 chat: bool) -> None:
+        if req.model != served.model_name:
+            raise HTTPException(404, f"unknown model {req.model!r}; this server serves {served.model_name!r}")
         if chat:
             if req.top_logprobs is not None and not req.logprobs:
                 raise HTTPException(400, "top_logprobs needs logprobs: true")
-            n_logprobs = (req.top_logprobs or 0) if req.logprobs else None
+            self.n_logprobs = (req.top_logprobs or 0) if req.logprobs else None
         else:
-            n_logprobs = req.logprobs
-        events: asyncio.Queue = asyncio.Queue()
-        jobs = submit(req, prompt_ids, n_logprobs, events)
-        watcher = asyncio.create_task(watch_disconnect(request, jobs))
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
-        counts = [0] * len(jobs)
+            self.n_logprobs = req.logprobs
+        self.served, self.req, self.prompt_ids, self.chat = served, req, prompt_ids, chat
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.jobs = served.submit(req, prompt_ids, self.n_logprobs, self.events)
+        self.watcher = asyncio.create_task(watch_disconnect(request, self.jobs))
+        self.rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.counts = [0] * len(self.jobs)
 
-        def usage() -> dict[str, int]:
-            return {"prompt_tokens": len(prompt_ids), "completion_tokens": sum(counts),
-                    "total_tokens": len(prompt_ids) + sum(counts)}
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": sum(self.counts),
+                "total_tokens": len(self.prompt_ids) + sum(self.counts)}
 
-        if not req.stream:
-            texts, entries, reasons = [""] * len(jobs), [[] for _ in jobs], [""] * len(jobs)
-            try:
-                for _ in range(len(jobs)):
-                    while True:
-                        i, kind, *value = await events.get()
-                        if kind == "text":
-                            texts[i] += value[0]
-                            entries[i] += value[1]
-                        elif kind == "error":
-                            raise HTTPException(500, value[0])
-                        else:
-                            reasons[i], counts[i] = value
-                            break
-            finally:
-                watcher.cancel()
-                for job in jobs:  # an error in one choice frees the others
-                    job.cancelled = True
-            choices = []
-            for i in range(len(jobs)):
-                body = {"message": {"role": "assistant", "content": texts[i]}} if chat else {"text": texts[i]}
-                logprobs = None if n_logprobs is None else (
-                    chat_logprobs(entries[i]) if chat else completion_logprobs(entries[i], 0))
-                choices.append({"index": i, **body, "finish_reason": reasons[i], "logprobs": logprobs})
-            return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-                    "model": model_name, "choices": choices, "usage": usage()}
+    def logprobs(self, entries: list[TokenEntry], offset: int) -> dict[str, Any]:
+        return self.served.chat_logprobs(entries) if self.chat else self.served.completion_logprobs(entries, offset)
 
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    def close(self) -> None:
+        self.watcher.cancel()
+        for job in self.jobs:  # an error in one choice, or a client gone, frees the others' rows at the next step
+            job.cancelled = True
 
-        async def stream():
-            chunk_obj = "chat.completion.chunk" if chat else "text_completion"
-            offsets = [0] * len(jobs)
-
-            def chunk(choices: list[dict[str, Any]], with_usage: bool = False) -> str:
-                payload = {"id": rid, "object": chunk_obj, "created": created, "model": model_name, "choices": choices}
-                if include_usage:  # OpenAI: every chunk has "usage": null, then one last chunk carries it
-                    payload["usage"] = usage() if with_usage else None
-                return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-            def choice(i: int, text: str | None, reason: str | None, entries: list[TokenEntry]) -> dict[str, Any]:
-                if chat:
-                    body = {"delta": {} if text is None else {"content": text}}
-                else:
-                    body = {"text": text or ""}
-                logprobs = None
-                if n_logprobs is not None and entries:
-                    logprobs = chat_logprobs(entries) if chat else completion_logprobs(entries, offsets[i])
-                return {"index": i, **body, "finish_reason": reason, "logprobs": logprobs}
-
-            try:
-                if chat:
-                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
-                                  "logprobs": None} for i in range(len(jobs))])
-                open_jobs = len(jobs)
-                while open_jobs:
-                    i, kind, *value = await events.get()
+    async def body(self) -> dict[str, Any]:
+        jobs, chat = self.jobs, self.chat
+        texts, entries, reasons = [""] * len(jobs), [[] for _ in jobs], [""] * len(jobs)
+        try:
+            for _ in range(len(jobs)):
+                while True:
+                    i, kind, *value = await self.events.get()
                     if kind == "text":
-                        yield chunk([choice(i, value[0], None, value[1])])
-                        offsets[i] += len(value[0])
+                        texts[i] += value[0]
+                        entries[i] += value[1]
                     elif kind == "error":
-                        yield f"data: {json.dumps(error_body(value[0], 'server_error'))}\n\n"
-                        break
+                        raise HTTPException(500, value[0])
                     else:
-                        counts[i] = value[1]
-                        yield chunk([choice(i, None, value[0], [])])
-                        open_jobs -= 1
-                if include_usage:
-                    yield chunk([], with_usage=True)
-                yield "data: [DONE]\n\n"
-            finally:
-                watcher.cancel()
-                for job in jobs:  # a client that disconnects (or an error) frees its rows at the next step
-                    job.cancelled = True
+                        reasons[i], self.counts[i] = value
+                        break
+        finally:
+            self.close()
+        choices = []
+        for i in range(len(jobs)):
+            body = {"message": {"role": "assistant", "content": texts[i]}} if chat else {"text": texts[i]}
+            logprobs = None if self.n_logprobs is None else self.logprobs(entries[i], 0)
+            choices.append({"index": i, **body, "finish_reason": reasons[i], "logprobs": logprobs})
+        return {"id": self.rid, "object": "chat.completion" if chat else "text_completion", "created": self.created,
+                "model": self.served.model_name, "choices": choices, "usage": self.usage()}
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+    def chunk(self, choices: list[dict[str, Any]], with_usage: bool = False) -> str:
+        payload = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                   "created": self.created, "model": self.served.model_name, "choices": choices}
+        if self.req.stream_options and self.req.stream_options.include_usage:
+            payload["usage"] = self.usage() if with_usage else None  # OpenAI: null in every chunk, then one last
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    def choice(self, i: int, text: str | None, reason: str | None, entries: list[TokenEntry],
+               offset: int) -> dict[str, Any]:
+        body = ({"delta": {} if text is None else {"content": text}}) if self.chat else {"text": text or ""}
+        logprobs = self.logprobs(entries, offset) if self.n_logprobs is not None and entries else None
+        return {"index": i, **body, "finish_reason": reason, "logprobs": logprobs}
+
+    async def events_stream(self) -> AsyncIterator[str]:
+        offsets = [0] * len(self.jobs)
+        try:
+            if self.chat:
+                yield self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                                   "logprobs": None} for i in range(len(self.jobs))])
+            open_jobs = len(self.jobs)
+            while open_jobs:
+                i, kind, *value = await self.events.get()
+                if kind == "text":
+                    yield self.chunk([self.choice(i, value[0], None, value[1], offsets[i])])
+                    offsets[i] += len(value[0])
+                elif kind == "error":
+                    yield f"data: {json.dumps(error_body(value[0], 'server_error'))}\n\n"
+                    break
+                else:
+                    self.counts[i] = value[1]
+                    yield self.chunk([self.choice(i, None, value[0], [], offsets[i])])
+                    open_jobs -= 1
+            if self.req.stream_options and self.req.stream_options.include_usage:
+                yield self.chunk([], with_usage=True)
+            yield "data: [DONE]\n\n"
+        finally:
+            self.close()
+
+
+async def respond(served: Served, req: ChatRequest | CompletionRequest, prompt_ids: list[int], request: Request,
+                  chat: bool) -> dict[str, Any] | StreamingResponse:
+    reply = Reply(served, req, prompt_ids, request, chat)
+    if not req.stream:
+        return await reply.body()
+    return StreamingResponse(reply.events_stream(), media_type="text/event-stream")
+
+
+def add_info_routes(app: FastAPI, served: Served) -> None:
+    """/health (queue and decoding rows), /v1/models, and the chat page at /."""
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "queued": served.engine.queued, "decoding": served.engine.busy_rows}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": served.model_name, "object": "model", "owned_by": "scratchllm"}]}
+
+    @app.get("/")
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "chat.html")
+
+
+def add_completion_routes(app: FastAPI, served: Served) -> None:
+    """POST /v1/chat/completions and /v1/completions: validate, tokenize off the event loop, `respond`."""
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
         messages = [m.model_dump() for m in req.messages]
-        check_fits(sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in messages))
+        served.check_fits(sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in messages))
         try:  # the tokenizer is pure Python: in a worker thread, the event loop keeps serving the live streams
-            prompt = await asyncio.to_thread(render_for_completion, tok, messages)
+            prompt = await asyncio.to_thread(render_for_completion, served.tok, messages)
         except ChatFormatError as err:
             raise HTTPException(400, str(err)) from None
-        return await respond(req, prompt, request, chat=True)
+        return await respond(served, req, prompt, request, chat=True)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         if not req.prompt:
             raise HTTPException(400, "prompt must not be empty")
-        check_fits(len(req.prompt.encode("utf-8", "surrogatepass")))
-        return await respond(req, await asyncio.to_thread(tok.encode, req.prompt), request, chat=False)
+        served.check_fits(len(req.prompt.encode("utf-8", "surrogatepass")))
+        return await respond(served, req, await asyncio.to_thread(served.tok.encode, req.prompt), request, chat=False)
 
+
+def create_app(model: GPT, tok: Tokenizer, model_name: str = "scratchllm", api_key: str | None = None,
+               max_batch: int = 32, max_queue: int = 64, max_body_bytes: int = 1_000_000, prefill_chunk: int = 128,
+               engine: Any = None, compile: bool = False) -> Guard:
+    """The ASGI app. `engine`: anything with ContinuousEngine's submit/queued/busy_rows/start (the benchmark passes
+    the old wave engine as its reference); by default a ContinuousEngine on `model` (`compile`: its decode step
+    through torch.compile)."""
+    # subtle: FastAPI resolves the routes' annotations by name at module level (this file uses postponed annotations)
+    app = FastAPI(title="scratchllm", version="0.2.0")
+    if engine is None:
+        engine = ContinuousEngine(model.eval(), reply_stop_ids(tok), max_batch, max_queue, prefill_chunk,
+                                  compile=compile)
+    engine.start()
+    app.state.engine = engine
+    served = Served(engine, tok, model_name, model.config.max_seq_len, max(len(b) for b in tok.vocab))
+    add_error_handlers(app)
+    add_info_routes(app, served)
+    add_completion_routes(app, served)
     return Guard(app, api_key, max_body_bytes)
 
 
