@@ -154,9 +154,8 @@ class ModelConfig:
 # `gpt2` ~124M (GPT-2 small shape, for a GPU), `tiny` is for tests only.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256),
-    # Wide and shallow: at a fixed 270 s on 2 CPU cores, d384 x 3 layers reached 2.624 held-out bits-per-byte
-    # against 2.773 for d256 x 6 (scripts/sweep_pretrain.py, docs/benchmarks.md): as many steps per second, more
-    # useful work per step.
+    # Wide and shallow: on a small CPU budget as many steps per second as a deeper model of the same size, with more
+    # useful work per step (scripts/sweep_pretrain.py; the measurement is in docs/benchmarks.md).
     "mini": dict(d_model=384, n_layers=3, n_heads=12, n_kv_heads=6, max_seq_len=512),
     "small": dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=1024),
     "gpt2": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, max_seq_len=1024, tie_embeddings=True),
@@ -338,8 +337,7 @@ class DPOConfig:
     beta: float = 0.1  # strength of the implicit KL constraint (Rafailov et al. 2023)
     # Weight of an SFT term, the mean per-token NLL of the chosen reply, beside the DPO loss (RPO: Pang et al.
     # 2024, arXiv:2404.19733); DPO alone may lower the chosen reply's likelihood as long as the rejected one
-    # falls faster. 0 = plain DPO. From one SFT model, 84 steps, held-out: plain DPO pair accuracy 0.823 and the
-    # judge's score of sampled replies 0.838 -> 0.803 (+40 -187); 0.3: 0.863, 0.829; 1.0: 0.889, 0.839 (+72 -71).
+    # falls faster, and the replies it samples then get worse (docs/dpo.md). 0 = plain DPO.
     sft_weight: float = 1.0
     eval_pairs: int = 350  # held-out preference pairs (the whole prefs_val split)
     eval_prompts: int = 100  # held-out conversations for the end-of-reply rate
@@ -377,28 +375,27 @@ class PPOConfig:
     temperature: float = 1.0
     value_coef: float = 0.5
     max_kl: float = 10.0  # guard: stop with a message when mean KL (nats per reply) passes this
-    # Held-out preference prompts scored by the reward model and the gold judge: all 350 of prefs_val. On 100,
-    # PPO's changes (+-0.1 learned reward, +-0.005 gold) were the size of the noise between seeds.
+    # Held-out preference prompts scored by the reward model and the gold judge: all 350 of prefs_val, because
+    # PPO's changes are small and fewer prompts would leave them inside the noise between seeds.
     eval_prompts: int = 350
     # Also sample this many replies per held-out prompt at `temperature` (the distribution PPO optimises) and
-    # report their learned reward and gold score; 0 = greedy replies only. 3 x 350 = 1,050 replies, ~8 s per
-    # checkpoint on 2 cores; the pipeline's report scores every checkpoint so, the same draws for each.
+    # report their learned reward and gold score; 0 = greedy replies only. The pipeline's report scores every
+    # checkpoint so, with the same draws for each.
     eval_samples: int = 3
     # Which training preference prompts PPO samples: "all", or "chat" (those without a verifiable task). The reward
     # model cannot check answers, so on task prompts it rewards the answer format, and PPO then says "The answer
-    # is 1." to chat prompts too. One SFT model, 90 steps, held-out gold 0.866 before: all 0.853, chat 0.857.
+    # is 1." to chat prompts too.
     train_prompts: Literal["all", "chat"] = "chat"
     # PPO-ptx (InstructGPT, Ouyang et al. 2022 eq. 2): every step also fits `ptx_batch` SFT conversations, weighted
     # by ptx_coef (InstructGPT mixed in pretraining text; here the SFT data, what the policy should not forget).
-    # 1.5 (with lr 2e-4), from one SFT model, 79 steps, 350 held-out prompts: learned reward 7.146 -> 7.151 / 7.153
-    # and gold 0.858 -> 0.860 / 0.869 for two seeds; without it (lr 1e-4) gold fell to 0.855, with 2.0 the learned
-    # reward fell.
+    # Without it the gold judge's score fell while the learned reward rose; much more and the learned reward stops
+    # rising (docs/ppo.md).
     ptx_coef: float = 1.5
     ptx_batch: int = 8
     # Targets of the PPO-ptx term on task questions: "data" (the SFT set's right answers), "sampled" (replies the SFT
     # model samples at temperature 1, drawn afresh for each ptx batch) or "reference" (its greedy replies). With a
     # model that reads the questions, sampled targets are mostly wrong answers and teach it to guess; the data's
-    # right answers keep what SFT taught (measured in docs/results.md).
+    # right answers keep what SFT taught (docs/results.md).
     ptx_targets: Literal["data", "reference", "sampled"] = "data"
 
     SECTION: ClassVar[str] = "ppo"
@@ -443,15 +440,14 @@ class GRPOConfig:
     # Sampled pass@1 (k replies per task at `temperature`) on the first `sampled_eval_tasks` of those; 0 = off.
     # Greedy pass@1 hides probability moving toward the right answer until it is the top one.
     eval_samples: int = 4
-    sampled_eval_tasks: int = 240  # 240 x 4 replies (10 per family and language): ~40 s on 2 CPU cores
+    sampled_eval_tasks: int = 240  # 240 x 4 replies: 10 tasks per family and language
     curriculum: bool = False  # True = draw families by learnability p(1-p) (FamilyCurriculum); False = uniform tasks
     curriculum_decay: float = 0.8  # EMA weight on a family's past success rate
     curriculum_floor: float = 0.02  # added to every family's weight, so none is starved for good
     # GRPO-ptx, as PPO-ptx (InstructGPT eq. 2): + ptx_coef x the SFT loss on `ptx_batch` chat conversations (none
     # with a task question) every step. GRPO samples task prompts only, so nothing else holds the chat replies
-    # (one full run: greedy gold +6 -29 against SFT). 1.5 on that run's SFT model, 52 steps, two seeds: gold +6 -2 /
-    # +6 -3, pass@1 +13 -3 / +12 -0; in a full run with it on (fd8447e) GRPO had nothing to gain (SFT above the
-    # guess) and gold +4 -12 (docs/grpo.md). 0 = off, the default.
+    # and they can drift; off by default because in the default run GRPO moves them little (docs/grpo.md and
+    # docs/experiments/grpo.md say when it helped). 0 = off.
     ptx_coef: float = 0.0
     ptx_batch: int = 8
 
