@@ -15,6 +15,7 @@ import copy
 import json
 import math
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,22 +51,25 @@ class TrainingDiverged(UserError, RuntimeError):
     """Too many non-finite or spiking steps in a row: the run stops instead of writing them into the weights."""
 
 
-class Stage:
-    """What the loop asks of a stage, and nothing else. A stage sets `name` and implements the first three methods;
-    the hooks below them have defaults that fit a stage training one plain model, and a stage overrides only what
-    differs. Everything a stage needs (data, frozen models, the model it samples from) comes through its
+class Stage(ABC):
+    """What the loop asks of a stage, and nothing else. A stage sets `name` and implements the first three methods
+    (abstract: a stage missing one fails when it is built, not after its compute); the hooks below them have
+    defaults that fit a stage training one plain model, and a stage overrides only what differs. Everything a stage needs (data, frozen models, the model it samples from) comes through its
     constructor, so a stage built in a test is the stage the pipeline runs."""
 
     name: str = ""
     # True when every step calls the whole model and evaluation agrees across ranks: FSDP2 / TP may shard it
     supports_fsdp: bool = False
 
+    @abstractmethod
     def batches(self, split: str) -> Iterator[dict[str, Any]]:  # PPO/GRPO: rollouts happen here
         raise NotImplementedError
 
+    @abstractmethod
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         raise NotImplementedError
 
+    @abstractmethod
     def evaluate(self, model: nn.Module) -> dict[str, float]:  # the stage's headline numbers, held out
         raise NotImplementedError
 
@@ -83,6 +87,7 @@ class Stage:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a `state_dict` written by any number of processes (rescaled by the loop)."""
+        return None  # a stage without state has nothing to restore
 
     def save_final(self, model: nn.Module, directory: Path, tokenizer: Any, sections: dict[str, Any]) -> None:
         """final/: a plain model directory; LoRA adapters are saved beside it and merged in."""

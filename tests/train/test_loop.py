@@ -293,3 +293,17 @@ def test_fsdp_is_refused_by_stages_that_do_not_support_it(tmp_path: Path) -> Non
 
     with pytest.raises(ConfigError, match="does not support FSDP2"):
         train(_model(), NoFSDP(8), OPTIM, dataclasses.replace(LOOP, parallel="fsdp"), tmp_path)
+
+
+def test_a_stage_without_its_loss_fails_when_built_not_after_its_compute() -> None:
+    class NoLoss(Stage):
+        name = "no-loss"
+
+        def batches(self, split: str):
+            return iter([])
+
+        def evaluate(self, model):
+            return {}
+
+    with pytest.raises(TypeError, match="loss"):
+        NoLoss()
