@@ -308,7 +308,8 @@ class ContinuousEngine:
         # the float64 CDF over the vocabulary costs more than the rest of a small model's step.
         sampled = [i for i, row in enumerate(rows) if not row.greedy]
         if not sampled:
-            chosen = processed.argmax(-1)
+            # max's indices are argmax's (the first maximum, NaN first too), in a third of the time on CPU
+            chosen = processed.max(-1).indices
         else:
             steps = torch.tensor([rows[i].n_generated for i in sampled], device=self.device)
             at = torch.tensor(sampled, device=self.device)

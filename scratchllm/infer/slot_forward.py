@@ -4,11 +4,12 @@ GPT.forward is the training forward (one length shared by every row, modules cal
 mixes rows of different lengths, and a small model's decode step is mostly per-operation overhead, not arithmetic
 (torch.profiler, `mini` at batch 1 on 2 CPU threads: ~180 operations a step, the matmuls under half its time;
 docs/benchmarks.md). So this forward does fewer, larger operations: one matmul for q/k/v and one for gate/up (the
-weights are concatenated here, once, with the RMSNorm gains folded in: the model's parameters, state_dict and export
-are untouched), RoPE over a whole q/k/v output in one call, one `index_copy_` per layer for its new keys and values,
-residual adds inside `addmm`, and decode attention as two batched matmuls over a view of the cache (GQA by grouping
-each K/V head's query heads, no K/V copies). `compile=True` also runs the decode step through torch.compile.
-tests/infer/test_slot_forward.py holds its logits equal to GPT.forward's.
+weights are concatenated here, once, with the RMSNorm gains folded in, and every weight is copied as (in, out) so
+each projection is a plain matmul: the model's parameters, state_dict and export are untouched), RoPE over a whole
+q/k/v output in one call with its rotation looked up in a precomputed table, one `index_copy_` per layer for its
+new keys and values, residual adds inside `addmm`, and decode attention as two batched matmuls over a view of the
+cache (GQA by grouping each K/V head's query heads, no K/V copies). `compile=True` also runs the decode step
+through torch.compile. tests/infer/test_slot_forward.py holds its logits equal to GPT.forward's.
 """
 
 from __future__ import annotations
@@ -31,21 +32,30 @@ def _plain(linear: nn.Module) -> bool:
 
 
 def _fold(norm: RMSNorm, linears: list[nn.Module]) -> Tensor:
-    """One weight for `linears` applied to norm(x): W·(g ⊙ n) = (W·diag(g))·n, so the norm's gain g moves into the
-    concatenated weight (computed in float32, rounded once to the weights' dtype)."""
+    """One weight for `linears` applied to norm(x), laid out (in, out): W·(g ⊙ n) = (W·diag(g))·n, so the norm's
+    gain g moves into the concatenated weight (computed in float32, rounded once to the weights' dtype)."""
     weight = torch.cat([m.weight.detach().float() for m in linears]) * norm.weight.detach().float()
-    return weight.to(linears[0].weight.dtype)
+    return _in_out(weight.to(linears[0].weight.dtype))
+
+
+def _in_out(weight: Tensor) -> Tensor:
+    """A Linear's (out, in) weight copied as (in, out), so `x @ w` is a plain matmul: on CPU, for the few rows of a
+    decode step, MKL runs that up to twice as fast as F.linear's transposed operand (docs/benchmarks.md)."""
+    return weight.detach().t().contiguous()
 
 
 def _rms(x: Tensor, eps: float) -> Tensor:
-    """RMSNorm without its gain (folded into the next weight), in float32 as RMSNorm computes it."""
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+    """RMSNorm without its gain (folded into the next weight), in float32 as RMSNorm computes it, in one call."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, x.shape[-1:], eps=eps)
+    return F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
 
 class _Layer:
-    """One block as the serving forward calls it. Fused: q/k/v are one matmul, gate/up one, each with its RMSNorm
-    gain folded in; a projection that is not a plain Linear (LoRA, int8, MoE) is called as its module instead."""
+    """One block as the serving forward calls it, on a residual stream of any leading shape: (B, T, d_model) in
+    prefill, (B, d_model) in decode. Fused: every projection is a plain matmul on an (in, out) copy of its weight,
+    q/k/v one matmul and gate/up one, each with its RMSNorm gain folded in; a projection that is not a plain Linear
+    (LoRA, int8, MoE) is called as its module instead, and so is every one with `fuse=False`."""
 
     def __init__(self, block: Block, fuse: bool) -> None:
         attn, mlp = block.self_attn, block.mlp
@@ -58,41 +68,45 @@ class _Layer:
         gate_up = [mlp.gate_proj, mlp.up_proj] if isinstance(mlp, SwiGLU) else []
         self.gate_up_weight = _fold(self.post_norm, gate_up) if fuse and gate_up and all(map(_plain, gate_up)) else None
         self.down_proj = mlp.down_proj if isinstance(mlp, SwiGLU) else None
+        self.o_weight = _in_out(self.o_proj.weight) if fuse and _plain(self.o_proj) else None
+        self.down_weight = _in_out(self.down_proj.weight) if fuse and self.gate_up_weight is not None \
+            and _plain(self.down_proj) else None
 
     def qkv(self, x: Tensor) -> Tensor:
-        """Residual stream (B, T, d_model) -> (B, T, H+2K, D): query heads, then key heads, then value heads."""
-        B, T, _ = x.shape
+        """Residual stream (..., d_model) -> (..., H+2K, D): query heads, then key heads, then value heads."""
         if self.qkv_weight is not None:
-            out = F.linear(_rms(x, self.input_norm.eps), self.qkv_weight)
+            out = _rms(x, self.input_norm.eps) @ self.qkv_weight
         else:
             h = self.input_norm(x)
             out = torch.cat([self.attn.q_proj(h), self.attn.k_proj(h), self.attn.v_proj(h)], dim=-1)
-        return out.view(B, T, self.H + 2 * self.K, self.D)  # (B, T, H+2K, D)
+        return out.unflatten(-1, (self.H + 2 * self.K, self.D))  # (..., H+2K, D)
 
     def attn_residual(self, x: Tensor, y: Tensor) -> Tensor:
-        """x + o_proj(y): attention's output (B, T, H*D) added to the residual stream."""
-        return _add_linear(x, y, self.o_proj)
+        """x + o_proj(y): attention's output (..., H*D) added to the residual stream."""
+        return _add_linear(x, y, self.o_weight, self.o_proj)
 
     def mlp_residual(self, x: Tensor) -> Tensor:
         """x + mlp(norm(x))."""
         if self.gate_up_weight is None:
             return x + self.mlp(self.post_norm(x))
-        gate, up = F.linear(_rms(x, self.post_norm.eps), self.gate_up_weight).chunk(2, dim=-1)
-        return _add_linear(x, F.silu(gate) * up, self.down_proj)
+        gate, up = (_rms(x, self.post_norm.eps) @ self.gate_up_weight).chunk(2, dim=-1)
+        return _add_linear(x, F.silu(gate) * up, self.down_weight, self.down_proj)
 
 
-def _add_linear(x: Tensor, y: Tensor, linear: nn.Module) -> Tensor:
-    """x + linear(y); for a plain Linear one addmm (the residual add rides in the matmul)."""
-    if not _plain(linear):
+def _add_linear(x: Tensor, y: Tensor, weight: Tensor | None, linear: nn.Module) -> Tensor:
+    """x + linear(y); with the linear's (in, out) `weight` one addmm (the residual add rides in the matmul)."""
+    if weight is None:
         return x + linear(y)
-    return torch.addmm(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), linear.weight.t()).view(x.shape)
+    if x.dim() == 2:
+        return torch.addmm(x, y, weight)
+    return torch.addmm(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), weight).view(x.shape)
 
 
 class SlotForward:
     """`prefill` (any slots, T positions each) and `decode` (slots 0..B-1, one position each) over a SlotKVCache.
 
-    `fuse=False` calls q/k/v and gate/up as the model declares them (the fused copies hold those weights, and the
-    lm_head's, a second time in memory). The fused weights are a snapshot: build a new SlotForward after changing
+    `fuse=False` calls every projection as the model declares it (the fused, (in, out) copies hold the weights of
+    the blocks and the lm_head a second time in memory). The fused weights are a snapshot: build a new SlotForward after changing
     the model's weights. `compile=True` compiles the decode step with torch.compile (dynamic shapes: one graph for
     batch 1 and one for the other sizes and lengths); on CUDA it asks for mode "reduce-overhead", which replays the
     step as CUDA graphs (untested: no GPU was available when it was written)."""
@@ -104,31 +118,36 @@ class SlotForward:
         self.head_weight = _fold(model.norm, [model.lm_head]) if fuse and _plain(model.lm_head) else None
         self.window = model.config.sliding_window
         self.max_pos = model.config.max_seq_len - 1
-        # RoPE with the rotation folded into the table: rotate_half(x) * sin == swap_halves(x) * signed_sin.
-        D = model.config.d_head
-        self.cos = model.rotary.cos
-        self.signed_sin = torch.cat([-model.rotary.sin[:, : D // 2], model.rotary.sin[:, D // 2 :]], dim=-1)
+        # RoPE with the rotation folded into the table: rotate_half(x) * sin == swap_halves(x) * signed_sin; tables
+        # for every position and head of a q/k/v output, so a step looks its rotation up with one gather.
         self.H, self.K = self.layers[0].H, self.layers[0].K
+        self.rope_cos, self.rope_sin = self._rope_tables(model, cache.kv[0].dtype)
+        # Decode-step bookkeeping that never changes, made once: the flat cache rows of each slot's position 0
+        # (write_index is linear in the position, so position p is p rows on) and the key positions.
+        S = cache.shape[0]
+        self.slot_rows = cache.write_index(torch.arange(S), torch.zeros(S, 1, dtype=torch.long)).view(S, -1)
+        self.slot_rows = self.slot_rows.to(cache.kv[0].device)  # (S, 2K)
+        self.key_positions = torch.arange(cache.shape[2], device=cache.kv[0].device)
         self._compiled = None
         if compile:
             # On CUDA, "reduce-overhead" replays the step as CUDA graphs (untested: no GPU was available here).
             mode = "reduce-overhead" if cache.kv[0].is_cuda else None
             self._compiled = torch.compile(self._decode, dynamic=True, mode=mode)
 
-    def _rope_tables(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """positions (B, T) -> cos, signed sin (B, T, H+2K, D), once per forward: the rotation of each query and key
-        head at its position, and none (cos 1, sin 0) for the value heads, so one call rotates a whole q/k/v output."""
-        positions = positions.clamp(max=self.max_pos)  # padded prefill positions past the context are junk anyway
-        B, T = positions.shape
-        rotated = (B, T, self.H + self.K, self.cos.shape[1])
-        cos = self.cos[positions].unsqueeze(2).to(dtype).expand(rotated)
-        sin = self.signed_sin[positions].unsqueeze(2).to(dtype).expand(rotated)
-        values = cos.new_ones(B, T, self.K, cos.shape[-1])
-        return torch.cat([cos, values], dim=2), torch.cat([sin, torch.zeros_like(values)], dim=2)
+    def _rope_tables(self, model: GPT, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, signed sin (max_seq_len, H+2K, D): the rotation of each query and key head at each position, and none
+        (cos 1, sin 0) for the value heads, so one call rotates a whole q/k/v output."""
+        cos, sin = model.rotary.cos, model.rotary.sin  # (P, D)
+        D = cos.shape[1]
+        signed_sin = torch.cat([-sin[:, : D // 2], sin[:, D // 2 :]], dim=-1)
+        rotated, kept = self.H + self.K, self.K
+        cos = torch.cat([cos[:, None].expand(-1, rotated, -1), cos.new_ones(1, 1, D).expand(len(cos), kept, -1)], 1)
+        sin = torch.cat([signed_sin[:, None].expand(-1, rotated, -1), sin.new_zeros(1, 1, D).expand(len(sin), kept, -1)], 1)
+        return cos.to(dtype), sin.to(dtype)  # (P, H+2K, D)
 
     @staticmethod
     def _rope(qkv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """qkv (B, T, H+2K, D) with q and k rotated (RoPE eq. 34, HF's rotate-half layout); a new tensor."""
+        """qkv (..., H+2K, D) with q and k rotated (RoPE eq. 34, HF's rotate-half layout); a new tensor."""
         x1, x2 = qkv.chunk(2, dim=-1)
         return torch.addcmul(qkv * cos, torch.cat([x2, x1], dim=-1), sin)
 
@@ -154,7 +173,8 @@ class SlotForward:
         # Rows in consecutive slots are read as a view; other sets are gathered.
         read = slice(slots[0], slots[0] + B) if slots == list(range(slots[0], slots[0] + B)) else slot_ids
         x = self.model.embed_tokens(ids)
-        cos, sin = self._rope_tables(positions, x.dtype)
+        at = positions.clamp(max=self.max_pos)  # padded prefill positions past the context are junk anyway
+        cos, sin = self.rope_cos[at], self.rope_sin[at]  # (B, T, H+2K, D)
         for i, layer in enumerate(self.layers):
             H, K = layer.H, layer.K
             qkv = self._rope(layer.qkv(x), cos, sin)  # (B, T, H+2K, D)
@@ -175,7 +195,7 @@ class SlotForward:
         """(N, d_model) residual stream after the last block -> (N, V) float32 logits (final norm included)."""
         if self.head_weight is None:
             return self.lm_head(self.final_norm(x)).float()
-        return F.linear(_rms(x, self.final_norm.eps), self.head_weight).float()
+        return (_rms(x, self.final_norm.eps) @ self.head_weight).float()
 
     def decode(self, ids: Tensor, lengths: Tensor, kv_len: int) -> Tensor:
         """ids (B,) of the rows in slots 0..B-1, each at position lengths[b] -> logits (B, V) float32.
@@ -193,26 +213,26 @@ class SlotForward:
         return self._decode(ids, lengths, kv_len)
 
     def _decode(self, ids: Tensor, lengths: Tensor, kv_len: int) -> Tensor:
-        """The decode step (see `decode`). Attention per K/V head: its G query heads are the rows of one (G, D) @ (D, L) matmul, plus an additive
-        mask (-inf where a key is past the row's length or outside the window)."""
+        """The decode step (see `decode`), on a (B, d_model) residual stream. Attention per K/V head: its G query
+        heads are the rows of one (G, D) @ (D, L) matmul, plus an additive mask (-inf where a key is past the row's
+        length or outside the window)."""
         B = ids.shape[0]
-        cache = self.cache
-        positions = lengths[:, None]  # (B, 1)
-        index = cache.write_index(torch.arange(B, device=ids.device), positions)
-        x = self.model.embed_tokens(ids[:, None])  # (B, 1, d_model)
-        keys = torch.arange(kv_len, device=ids.device)
-        bias = torch.zeros(B, 1, kv_len, device=ids.device, dtype=x.dtype)
-        bias.masked_fill_(~self._visible(keys, positions), float("-inf"))  # (B, 1, L)
-        bias = bias.repeat_interleave(cache.shape[1], dim=0)  # (B*K, 1, L), broadcast over each head's G queries
-        cos, sin = self._rope_tables(positions, x.dtype)
+        H, K, D = self.H, self.K, self.layers[0].D
+        index = (self.slot_rows[:B] + lengths[:, None]).flatten()  # (B*2K,): each row's keys, then values
+        x = self.model.embed_tokens(ids)  # (B, d_model)
+        visible = self._visible(self.key_positions[:kv_len], lengths)  # (B, L)
+        bias = torch.zeros(visible.shape, device=x.device, dtype=x.dtype).masked_fill_(~visible, float("-inf"))
+        bias = bias.repeat_interleave(K, dim=0)[:, None]  # (B*K, 1, L), broadcast over each head's G queries
+        at = lengths.clamp(max=self.max_pos)
+        cos, sin = self.rope_cos[at], self.rope_sin[at]  # (B, H+2K, D)
         for i, layer in enumerate(self.layers):
-            H, K, D = layer.H, layer.K, layer.D
-            qkv = self._rope(layer.qkv(x), cos, sin)  # (B, 1, H+2K, D)
-            cache.write(i, index, qkv[:, :, H:])
-            q = qkv[:, 0, :H].reshape(B * K, H // K, D)  # (B*K, G, D): query head h = k*G + g reads K/V head k
-            k_all = cache.keys(i)[:B, :, :kv_len].reshape(B * K, kv_len, D)  # (B*K, L, D), a view
-            v_all = cache.values(i)[:B, :, :kv_len].reshape(B * K, kv_len, D)
+            qkv = self._rope(layer.qkv(x), cos, sin)  # (B, H+2K, D)
+            self.cache.write(i, index, qkv[:, H:])
+            q = qkv[:, :H].reshape(B * K, H // K, D)  # (B*K, G, D): query head h = k*G + g reads K/V head k
+            # subtle: views taken here, not kept from __init__: torch.compile refuses inputs that alias the cache it writes
+            k_all = self.cache.keys(i)[:B, :, :kv_len].reshape(B * K, kv_len, D)  # (B*K, L, D), a view
+            v_all = self.cache.values(i)[:B, :, :kv_len].reshape(B * K, kv_len, D)
             scores = torch.baddbmm(bias, q, k_all.mT, alpha=1 / math.sqrt(D))  # (B*K, G, L)
-            y = torch.bmm(scores.softmax(-1), v_all).view(B, 1, H * D)  # (B*K, G, D) -> (B, 1, H*D)
+            y = torch.bmm(scores.softmax(-1), v_all).view(B, H * D)  # (B*K, G, D) -> (B, H*D)
             x = layer.mlp_residual(layer.attn_residual(x, y))
-        return self.logits(x[:, 0])
+        return self.logits(x)
