@@ -9,12 +9,15 @@ each projection is a plain matmul: the model's parameters, state_dict and export
 q/k/v output in one call with its rotation looked up in a precomputed table, one `index_copy_` per layer for its
 new keys and values, residual adds inside `addmm`, and decode attention as two batched matmuls over a view of the
 cache (GQA by grouping each K/V head's query heads, no K/V copies). `compile=True` also runs the decode step
-through torch.compile. tests/infer/test_slot_forward.py holds its logits equal to GPT.forward's.
+through torch.compile, built in the background. tests/infer/test_slot_forward.py holds its logits equal to
+GPT.forward's.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import threading
 import warnings
 
 import torch
@@ -106,10 +109,15 @@ class SlotForward:
     """`prefill` (any slots, T positions each) and `decode` (slots 0..B-1, one position each) over a SlotKVCache.
 
     `fuse=False` calls every projection as the model declares it (the fused, (in, out) copies hold the weights of
-    the blocks and the lm_head a second time in memory). The fused weights are a snapshot: build a new SlotForward after changing
-    the model's weights. `compile=True` compiles the decode step with torch.compile (dynamic shapes: one graph for
-    batch 1 and one for the other sizes and lengths); on CUDA it asks for mode "reduce-overhead", which replays the
-    step as CUDA graphs (untested: no GPU was available when it was written)."""
+    the blocks and the lm_head a second time in memory). The fused weights are a snapshot: build a new SlotForward
+    after changing the model's weights.
+
+    `compile=True` compiles the decode step with torch.compile on a background thread (`_compile`; a scratch cache
+    of the same shape lives as long as that takes) while `decode` runs eagerly, and switches to it once built
+    (`wait_compiled` blocks until then). Dynamic shapes: one graph for batch 1 and one for every other batch size
+    and length; a shape neither fits runs eagerly rather than compiling mid-serving. On CUDA it asks for mode
+    "reduce-overhead", which replays the step as CUDA graphs, with kv_len rounded up so their number stays small
+    (untested: no GPU was available when it was written)."""
 
     def __init__(self, model: GPT, cache: SlotKVCache, fuse: bool = True, compile: bool = False) -> None:
         self.model, self.cache = model, cache
@@ -128,11 +136,42 @@ class SlotForward:
         self.slot_rows = cache.write_index(torch.arange(S), torch.zeros(S, 1, dtype=torch.long)).view(S, -1)
         self.slot_rows = self.slot_rows.to(cache.kv[0].device)  # (S, 2K)
         self.key_positions = torch.arange(cache.shape[2], device=cache.kv[0].device)
-        self._compiled = None
+        # On CUDA, "reduce-overhead" replays the step as CUDA graphs, one per shape: kv_len is rounded up to a
+        # multiple of this (the extra keys are masked), so a run records a few graphs, not one per length.
+        self.cuda_graphs = compile and cache.kv[0].is_cuda
+        self.kv_len_step = 64 if self.cuda_graphs else 1
+        self._compiled = None  # the compiled step, once it is built
+        self.compile_error: str | None = None
+        self.compiling: threading.Thread | None = None
         if compile:
-            # On CUDA, "reduce-overhead" replays the step as CUDA graphs (untested: no GPU was available here).
-            mode = "reduce-overhead" if cache.kv[0].is_cuda else None
-            self._compiled = torch.compile(self._decode, dynamic=True, mode=mode)
+            self.compiling = threading.Thread(target=self._compile, daemon=True, name="scratchllm-compile")
+            self.compiling.start()
+
+    def _compile(self) -> None:
+        """Build the compiled decode step on a scratch copy of the cache, then hand it to `decode`.
+
+        Runs on its own thread, so decoding goes on eagerly meanwhile (it takes minutes on a small CPU). The step is
+        compiled with dynamic shapes; torch.compile specialises batch 1, so it is run at batch 1 and 2: the two
+        graphs any later batch size and length reuse. Guards check shapes and constants, not which cache or which
+        SlotForward, so what was built on the scratch cache serves this one. A failure is reported as a warning and
+        in `compile_error`, and the step stays eager."""
+        scratch = copy.copy(self)
+        scratch.cache = copy.copy(self.cache)
+        scratch.cache.kv = [torch.zeros_like(flat) for flat in self.cache.kv]
+        compiled = torch.compile(type(self)._decode, dynamic=True,
+                                 mode="reduce-overhead" if self.cuda_graphs else None)
+        device = self.slot_rows.device
+        try:
+            with torch.inference_mode():  # as the engine steps: a different grad mode would be another graph
+                for B in (1, 2)[: self.cache.shape[0]]:
+                    ids = torch.zeros(B, dtype=torch.long, device=device)
+                    compiled(scratch, ids, ids + 1, 2)
+        except Exception as err:  # noqa: BLE001 - any compiler failure leaves the same step, uncompiled
+            self.compile_error = f"{type(err).__name__}: {err}"
+            warnings.warn(f"torch.compile of the decode step failed ({self.compile_error}); decoding without it",
+                          RuntimeWarning, stacklevel=1)
+            return
+        self._compiled = compiled
 
     def _rope_tables(self, model: GPT, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos, signed sin (max_seq_len, H+2K, D): the rotation of each query and key head at each position, and none
@@ -199,18 +238,32 @@ class SlotForward:
 
     def decode(self, ids: Tensor, lengths: Tensor, kv_len: int) -> Tensor:
         """ids (B,) of the rows in slots 0..B-1, each at position lengths[b] -> logits (B, V) float32.
-        `kv_len` >= max(lengths) + 1: the keys read (a Python int, so no host sync).
+        `kv_len` >= max(lengths) + 1: the keys read (a Python int, so no host sync). `ids` and `lengths` are fresh
+        tensors (the compiled step guards on their strides and offsets: a view into a larger tensor is a new graph).
 
-        Compiled if asked; a compiler that is missing or fails is reported once and the step runs eagerly from then
-        on (the cache writes are idempotent, so a step that failed half-way is simply redone)."""
-        if self._compiled is not None:
+        Compiled once `compile=True` has built the compiled step, eager until then; a compiler that fails later (on
+        a shape it has not seen) is reported once and the step runs eagerly from then on (the cache writes are
+        idempotent, so a step that failed half-way is simply redone)."""
+        compiled = self._compiled
+        if compiled is not None:
+            if self.kv_len_step > 1:
+                kv_len = min(-(-kv_len // self.kv_len_step) * self.kv_len_step, self.key_positions.shape[0])
             try:
-                return self._compiled(ids, lengths, kv_len)
+                # A shape no warm-up graph fits runs eagerly instead of stalling every stream for a new compile.
+                with torch.compiler.set_stance("eager_on_recompile"):
+                    return compiled(self, ids, lengths, kv_len)
             except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the same step, uncompiled
-                warnings.warn(f"torch.compile of the decode step failed ({type(err).__name__}: {err}); "
-                              "decoding without it", RuntimeWarning, stacklevel=2)
+                self.compile_error = f"{type(err).__name__}: {err}"
+                warnings.warn(f"torch.compile of the decode step failed ({self.compile_error}); decoding without it",
+                              RuntimeWarning, stacklevel=2)
                 self._compiled = None
         return self._decode(ids, lengths, kv_len)
+
+    def wait_compiled(self, timeout_s: float | None = None) -> bool:
+        """Block until the compiled step is built (or failed); True if decode now runs it."""
+        if self.compiling is not None:
+            self.compiling.join(timeout_s)
+        return self._compiled is not None
 
     def _decode(self, ids: Tensor, lengths: Tensor, kv_len: int) -> Tensor:
         """The decode step (see `decode`), on a (B, d_model) residual stream. Attention per K/V head: its G query

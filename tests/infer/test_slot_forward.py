@@ -124,7 +124,16 @@ def test_greedy_text_is_the_same_fused_unfused_and_through_generate() -> None:
         assert tokens == expected
 
 
-def test_a_failing_compiler_falls_back_to_the_eager_step(monkeypatch) -> None:
+def _decode_both(fwd: SlotForward, eager: SlotForward, seq: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.inference_mode():
+        for f in (fwd, eager):
+            f.prefill(torch.tensor([seq[:-1]]), [0], torch.tensor([0]), len(seq) - 1)
+        n = len(seq) - 1
+        return (fwd.decode(torch.tensor(seq[-1:]), torch.tensor([n]), n + 1),
+                eager.decode(torch.tensor(seq[-1:]), torch.tensor([n]), n + 1))
+
+
+def test_a_compiler_that_fails_leaves_the_step_eager(monkeypatch) -> None:
     def broken_compile(fn, **kwargs):
         def compiled(*args):
             raise RuntimeError("no C++ compiler")
@@ -133,15 +142,41 @@ def test_a_failing_compiler_falls_back_to_the_eager_step(monkeypatch) -> None:
     monkeypatch.setattr(slot_forward_module.torch, "compile", broken_compile)
     model = _model()
     K = model.layers[0].self_attn.n_kv_heads
-    fwd = SlotForward(model, SlotKVCache(model.config, 1, 96, K), compile=True)
-    eager = _forward(model, n_slots=1)
-    seq = [5, 6, 7]
-    with torch.no_grad():
-        for f in (fwd, eager):
-            f.prefill(torch.tensor([seq[:-1]]), [0], torch.tensor([0]), 2)
-        with pytest.warns(RuntimeWarning, match="no C..? compiler"):
-            logits = fwd.decode(torch.tensor(seq[-1:]), torch.tensor([2]), 3)
-        assert torch.equal(logits, eager.decode(torch.tensor(seq[-1:]), torch.tensor([2]), 3))
+    with pytest.warns(RuntimeWarning, match="no C..? compiler"):  # raised on the compiling thread
+        fwd = SlotForward(model, SlotKVCache(model.config, 1, 96, K), compile=True)
+        assert not fwd.wait_compiled()
+    assert "no C++ compiler" in fwd.compile_error
+    logits, expected = _decode_both(fwd, _forward(model, n_slots=1), [5, 6, 7])
+    assert torch.equal(logits, expected)
+
+
+def test_the_step_compiled_in_the_background_serves_other_batch_sizes_and_lengths_without_recompiling(
+        monkeypatch) -> None:
+    """Built on a scratch cache at batch 1 and 2, the compiled step then runs this forward's own cache at other
+    sizes and lengths with no new graph (dynamo's eager backend: the tracing and guards, not inductor's minutes)."""
+    import torch._dynamo
+
+    real_compile = torch.compile
+    monkeypatch.setattr(slot_forward_module.torch, "compile",
+                        lambda fn, **kwargs: real_compile(fn, backend="eager", dynamic=True))
+    torch._dynamo.reset()
+    model = _model()
+    K = model.layers[0].self_attn.n_kv_heads
+    fwd = SlotForward(model, SlotKVCache(model.config, 3, 96, K), compile=True)
+    eager = _forward(model, n_slots=3)
+    assert fwd.wait_compiled(), fwd.compile_error
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    g = torch.Generator().manual_seed(4)
+    with torch.inference_mode():
+        for B, n in ((1, 9), (3, 5), (2, 17)):
+            seqs = torch.randint(0, 300, (B, n), generator=g)
+            for f in (fwd, eager):
+                f.prefill(seqs[:, :-1], list(range(B)), torch.zeros(B, dtype=torch.long), n - 1)
+            ids, lengths = torch.tensor(seqs[:, -1].tolist()), torch.full((B,), n - 1)  # fresh, as the engine passes
+            logits = fwd.decode(ids, lengths, n)
+            assert torch.allclose(logits, eager.decode(ids, lengths, n), atol=1e-5)
+    assert fwd.compile_error is None
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # no graph built after the warm-up
 
 
 def _collector(prompt: list[int], out: list[int]):
