@@ -196,6 +196,9 @@ class DataConfig:
     # the task questions in SFT has too few steps left to learn to read them (docs/results.md).
     chat_data: str = ""
     chat_rows: int = 12  # rows of every batch (of 16 by default) drawn from chat_data, the rest text, when it is set
+    # "all": the chat rows are language modelled like text; "replies": only the assistant replies are (SFT's loss),
+    # so a task row's gradient is its answer's, not mostly the unpredictable operands of its question.
+    chat_loss: Literal["all", "replies"] = "replies"
     eval_tasks: str = ""  # JSONL of held-out tasks: pretraining's evaluation then also reports greedy task pass@1
 
     SECTION: ClassVar[str] = "data"

@@ -53,16 +53,20 @@ def render_sft(tok: Tokenizer, conversations: list[dict[str, Any]], max_len: int
     return rows
 
 
-def chat_token_stream(tok: Tokenizer, conversations: list[dict[str, Any]], seed: int) -> np.ndarray:
+def chat_token_stream(tok: Tokenizer, conversations: list[dict[str, Any]], seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Every conversation rendered with the chat template, in a seeded order, end to end: one token array that
     pretraining draws windows from (`LMWindows`), so the template and the task questions are language the model
-    learns from its first step, not a format it first meets in SFT."""
+    learns from its first step, not a format it first meets in SFT. Also the loss mask over the same positions
+    (True on assistant replies and their <|im_end|>), for `--data.chat_loss=replies`."""
     order = list(range(len(conversations)))
     random.Random(seed).shuffle(order)
     ids: list[int] = []
+    mask: list[bool] = []
     for i in order:
-        ids += render_conversation(tok, conversations[i]["messages"])[0]
-    return np.asarray(ids, dtype=np.int64)
+        row_ids, row_mask = render_conversation(tok, conversations[i]["messages"])
+        ids += row_ids
+        mask += row_mask
+    return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.bool_)
 
 
 def sft_batch(examples: list[tuple[list[int], list[bool]]], pad_id: int) -> dict[str, Tensor]:

@@ -33,8 +33,8 @@ from scratchllm.train.losses import cross_entropy_loss
 from scratchllm.train.stages.runner import base_sections, resolve_sections, run_stage, stage_main
 
 # The default run's pretraining: a fixed number of steps, the same model on every machine (docs/results.md).
-DEFAULT_LOOP = LoopConfig(max_steps=300, batch_size=16, seq_len=256, eval_every=100, eval_batches=16,
-                          checkpoint_every=100)
+DEFAULT_LOOP = LoopConfig(max_steps=300, batch_size=16, seq_len=256, eval_every=150, eval_batches=16,
+                          checkpoint_every=150)
 # Muon for the blocks' matrices (train/optim.py): an update that moves every direction of a matrix alike learns the
 # rare features (which token of the prompt to read) that AdamW's update leaves behind at this step count, and
 # lowers the text's bits-per-byte faster too (docs/results.md).
@@ -47,7 +47,7 @@ class PretrainStage(Stage):
 
     def __init__(self, train_tokens, val_tokens, tokenizer: Tokenizer, loop: LoopConfig,
                  chat_tokens: np.ndarray | None = None, chat_rows: int = 0,
-                 val_tasks: list[dict[str, Any]] | None = None) -> None:
+                 val_tasks: list[dict[str, Any]] | None = None, chat_mask: np.ndarray | None = None) -> None:
         chat_rows = chat_rows if chat_tokens is not None else 0
         if chat_rows >= loop.batch_size:
             raise ConfigError(f"--data.chat_rows={chat_rows} must be below --loop.batch_size={loop.batch_size}: "
@@ -55,6 +55,9 @@ class PretrainStage(Stage):
         self.windows = LMWindows(train_tokens, loop.seq_len, loop.batch_size - chat_rows, seed=loop.seed)
         # The chat rows of batch k are a pure function of (seed, k), like the text rows: resume stays exact.
         self.chat_windows = LMWindows(chat_tokens, loop.seq_len, chat_rows, seed=loop.seed + 1) if chat_rows else None
+        # Same length, seed and shape as chat_windows, so it draws the same windows: the loss mask of each chat row.
+        self.chat_masks = (LMWindows(chat_mask, loop.seq_len, chat_rows, seed=loop.seed + 1)
+                           if chat_rows and chat_mask is not None else None)
         self.val_tokens, self.loop, self.tok, self.val_tasks = val_tokens, loop, tokenizer, val_tasks or []
         self.token_bytes = token_byte_lengths(tokenizer, tokenizer.vocab_size)
         self.n_regular_tokens = min(tokenizer.special_by_id, default=tokenizer.vocab_size)  # specials come last
@@ -67,10 +70,14 @@ class PretrainStage(Stage):
     def _mixed_batches(self) -> Iterator[dict[str, Tensor]]:
         for index, text in self.windows.indexed():
             chat = self.chat_windows.batch(index)
-            yield {key: torch.cat([text[key], chat[key]]) for key in ("ids", "targets")}
+            batch = {key: torch.cat([text[key], chat[key]]) for key in ("ids", "targets")}
+            if self.chat_masks is not None:  # text rows count every token, chat rows their replies only
+                reply = self.chat_masks.batch(index)["targets"].bool()
+                batch["mask"] = torch.cat([torch.ones_like(text["targets"], dtype=torch.bool), reply])
+            yield batch
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        return cross_entropy_loss(model(batch["ids"]), batch["targets"]), {}
+        return cross_entropy_loss(model(batch["ids"]), batch["targets"], batch.get("mask")), {}
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         batches = sequential_windows(self.val_tokens, self.loop.seq_len, self.loop.batch_size, self.loop.eval_batches)
@@ -136,7 +143,7 @@ def shard_set_for(split_dir: Path, tokenizer: Tokenizer, cache_dir: Path, shard_
     return ShardSet(paths, tokenizer)
 
 
-def chat_pretraining_tokens(files: str, tok: Tokenizer, seed: int) -> np.ndarray:
+def chat_pretraining_tokens(files: str, tok: Tokenizer, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """`--data.chat_data` (comma-separated .jsonl / .parquet files) as one token stream: a file whose first record
     has an `answer` holds verifiable tasks (each becomes its question and canonical reply), any other conversations."""
     from scratchllm.data.tasks import task_conversation
@@ -149,7 +156,7 @@ def chat_pretraining_tokens(files: str, tok: Tokenizer, seed: int) -> np.ndarray
             conversations += [task_conversation(t) for t in read_tasks(path)]
         else:
             conversations += read_conversations(path)
-    return chat_token_stream(tok, conversations, seed)
+    return chat_token_stream(tok, conversations, seed)  # (ids, reply mask)
 
 
 def run(
@@ -199,9 +206,12 @@ def build(stage_dir: Path, init: Path | None, tok: Tokenizer, data_dir: Path, se
     else:
         train_tokens, val_tokens = shard_for(data_dir / "train", tok, cache), shard_for(data_dir / "val", tok, cache)
     data = sections["data"]
-    chat_tokens = chat_pretraining_tokens(data.chat_data, tok, loop.seed) if data.chat_data and data.chat_rows else None
+    chat_tokens = chat_mask = None
+    if data.chat_data and data.chat_rows:
+        chat_tokens, chat_mask = chat_pretraining_tokens(data.chat_data, tok, loop.seed)
     val_tasks = read_tasks(Path(data.eval_tasks)) if data.eval_tasks else None
-    stage = PretrainStage(train_tokens, val_tokens, tok, loop, chat_tokens, data.chat_rows, val_tasks)
+    stage = PretrainStage(train_tokens, val_tokens, tok, loop, chat_tokens, data.chat_rows, val_tasks,
+                          chat_mask if data.chat_loss == "replies" else None)
     print(f"[pretrain] {model.num_params() / 1e6:.2f}M parameters, {stage.windows.n_tokens / 1e6:.2f}M train tokens"
           + (f" in {len(train_tokens)} shards" if shard_tokens else "")
           + (f" + {len(chat_tokens) / 1e6:.2f}M chat-format tokens in {data.chat_rows} of {loop.batch_size} rows"
