@@ -136,6 +136,7 @@ class SlotForward:
         self.slot_rows = cache.write_index(torch.arange(S), torch.zeros(S, 1, dtype=torch.long)).view(S, -1)
         self.slot_rows = self.slot_rows.to(cache.kv[0].device)  # (S, 2K)
         self.key_positions = torch.arange(cache.shape[2], device=cache.kv[0].device)
+        self.head_views = [self._head_views(i) for i in range(len(self.layers))]
         # On CUDA, "reduce-overhead" replays the step as CUDA graphs, one per shape: kv_len is rounded up to a
         # multiple of this (the extra keys are masked), so a run records a few graphs, not one per length.
         self.cuda_graphs = compile and cache.kv[0].is_cuda
@@ -161,11 +162,12 @@ class SlotForward:
         compiled = torch.compile(type(self)._decode, dynamic=True,
                                  mode="reduce-overhead" if self.cuda_graphs else None)
         device = self.slot_rows.device
+        kv_len = min(64, self.cache.shape[2])  # a typical length: inductor tunes its kernels for the sizes it sees
         try:
             with torch.inference_mode():  # as the engine steps: a different grad mode would be another graph
                 for B in (1, 2)[: self.cache.shape[0]]:
                     ids = torch.zeros(B, dtype=torch.long, device=device)
-                    compiled(scratch, ids, ids + 1, 2)
+                    compiled(scratch, ids, ids + kv_len - 1, kv_len)
         except Exception as err:  # noqa: BLE001 - any compiler failure leaves the same step, uncompiled
             self.compile_error = f"{type(err).__name__}: {err}"
             warnings.warn(f"torch.compile of the decode step failed ({self.compile_error}); decoding without it",
@@ -265,6 +267,11 @@ class SlotForward:
             self.compiling.join(timeout_s)
         return self._compiled is not None
 
+    def _head_views(self, layer: int) -> tuple[Tensor, Tensor]:
+        """Layer `layer`'s keys and values as (S*K, T, D) views: row s*K + k is slot s's K/V head k."""
+        T, D = self.cache.shape[2:]
+        return self.cache.keys(layer).view(-1, T, D), self.cache.values(layer).view(-1, T, D)
+
     def _decode(self, ids: Tensor, lengths: Tensor, kv_len: int) -> Tensor:
         """The decode step (see `decode`), on a (B, d_model) residual stream. Attention per K/V head: its G query
         heads are the rows of one (G, D) @ (D, L) matmul, plus an additive mask (-inf where a key is past the row's
@@ -274,17 +281,17 @@ class SlotForward:
         index = (self.slot_rows[:B] + lengths[:, None]).flatten()  # (B*2K,): each row's keys, then values
         x = self.model.embed_tokens(ids)  # (B, d_model)
         visible = self._visible(self.key_positions[:kv_len], lengths)  # (B, L)
-        bias = torch.zeros(visible.shape, device=x.device, dtype=x.dtype).masked_fill_(~visible, float("-inf"))
+        bias = torch.where(visible, 0.0, float("-inf")).to(x.dtype)
         bias = bias.repeat_interleave(K, dim=0)[:, None]  # (B*K, 1, L), broadcast over each head's G queries
-        at = lengths.clamp(max=self.max_pos)
-        cos, sin = self.rope_cos[at], self.rope_sin[at]  # (B, H+2K, D)
+        # no clamp as in prefill: a decode position is below max_seq_len (the engine caps every row's budget)
+        cos, sin = self.rope_cos[lengths], self.rope_sin[lengths]  # (B, H+2K, D)
         for i, layer in enumerate(self.layers):
             qkv = self._rope(layer.qkv(x), cos, sin)  # (B, H+2K, D)
             self.cache.write(i, index, qkv[:, H:])
             q = qkv[:, :H].reshape(B * K, H // K, D)  # (B*K, G, D): query head h = k*G + g reads K/V head k
-            # subtle: views taken here, not kept from __init__: torch.compile refuses inputs that alias the cache it writes
-            k_all = self.cache.keys(i)[:B, :, :kv_len].reshape(B * K, kv_len, D)  # (B*K, L, D), a view
-            v_all = self.cache.values(i)[:B, :, :kv_len].reshape(B * K, kv_len, D)
+            # subtle: torch.compile refuses inputs that alias the cache it writes, so compiled it takes fresh views
+            keys, values = self._head_views(i) if torch.compiler.is_compiling() else self.head_views[i]
+            k_all, v_all = keys[: B * K, :kv_len], values[: B * K, :kv_len]  # (B*K, L, D), views
             scores = torch.baddbmm(bias, q, k_all.mT, alpha=1 / math.sqrt(D))  # (B*K, G, L)
             y = torch.bmm(scores.softmax(-1), v_all).view(B, H * D)  # (B*K, G, D) -> (B, H*D)
             x = layer.mlp_residual(layer.attn_residual(x, y))
