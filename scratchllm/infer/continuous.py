@@ -90,7 +90,8 @@ class ContinuousEngine:
 
     def __init__(self, model: GPT, stop_ids: frozenset[int] | set[int], max_batch: int = 32, max_queue: int = 64,
                  prefill_chunk: int = 128, fuse: bool = True, compile: bool = False) -> None:
-        """`fuse`, `compile`: see SlotForward (fused inference weights; torch.compile of the decode step)."""
+        """`fuse`, `compile`: see SlotForward (fused inference weights; torch.compile of the decode step, built in the
+        background while the step runs uncompiled)."""
         self.model, self.stop_ids, self.max_batch = model.eval(), frozenset(stop_ids), max_batch
         self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
         self.context = model.config.max_seq_len
@@ -133,6 +134,16 @@ class ContinuousEngine:
     @property
     def queued(self) -> int:
         return len(self.waiting)
+
+    @property
+    def decode_step(self) -> str:
+        """"eager", "compiling" (eager meanwhile), "compiled", or "eager (compile failed: <reason>)"."""
+        forward = self.forward
+        if forward is None or forward.compiling is None:
+            return "eager"
+        if forward.compile_error is not None:
+            return f"eager (compile failed: {forward.compile_error})"
+        return "compiled" if forward.wait_compiled(timeout_s=0) else "compiling"
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self._run, daemon=True, name="scratchllm-continuous")

@@ -13,6 +13,8 @@ import argparse
 import asyncio
 import json
 import secrets
+import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -353,11 +355,13 @@ async def respond(served: Served, req: ChatRequest | CompletionRequest, prompt_i
 
 
 def add_info_routes(app: FastAPI, served: Served) -> None:
-    """/health (queue and decoding rows), /v1/models, and the chat page at /."""
+    """/health (queue, decoding rows, and whether the decode step is compiled yet), /v1/models, and the chat page
+    at /."""
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "queued": served.engine.queued, "decoding": served.engine.busy_rows}
+        return {"status": "ok", "queued": served.engine.queued, "decoding": served.engine.busy_rows,
+                "decode_step": getattr(served.engine, "decode_step", "eager")}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -394,19 +398,29 @@ def create_app(model: GPT, tok: Tokenizer, model_name: str = "scratchllm", api_k
                engine: Any = None, compile: bool = False) -> Guard:
     """The ASGI app. `engine`: anything with ContinuousEngine's submit/queued/busy_rows/start (the benchmark passes
     the old wave engine as its reference); by default a ContinuousEngine on `model` (`compile`: its decode step
-    through torch.compile)."""
+    through torch.compile, built in the background while requests are served uncompiled; one line on stderr says
+    when it is ready or that it failed)."""
     # subtle: FastAPI resolves the routes' annotations by name at module level (this file uses postponed annotations)
     app = FastAPI(title="scratchllm", version="0.2.0")
     if engine is None:
         engine = ContinuousEngine(model.eval(), reply_stop_ids(tok), max_batch, max_queue, prefill_chunk,
                                   compile=compile)
     engine.start()
+    if compile and getattr(engine, "forward", None) is not None:
+        threading.Thread(target=report_compiled, args=(engine,), daemon=True).start()
     app.state.engine = engine
     served = Served(engine, tok, model_name, model.config.max_seq_len, max(len(b) for b in tok.vocab))
     add_error_handlers(app)
     add_info_routes(app, served)
     add_completion_routes(app, served)
     return Guard(app, api_key, max_body_bytes)
+
+
+def report_compiled(engine: ContinuousEngine) -> None:
+    start = time.monotonic()
+    engine.forward.wait_compiled()
+    print(f"scratchllm serve: decode step {engine.decode_step} after {time.monotonic() - start:.0f} s",
+          file=sys.stderr, flush=True)
 
 
 def main(argv: list[str]) -> int:
@@ -423,9 +437,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger request bodies get 413")
     parser.add_argument("--prefill-chunk", type=int, default=128,
                         help="most prompt tokens prefilled per step, so running streams keep moving")
-    parser.add_argument("--compile", action="store_true",
-                        help="compile the decode step with torch.compile: faster steps once compiled, but the first "
-                             "requests wait for the compiler (minutes on a small CPU); falls back if it fails")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="compile the decode step with torch.compile (default: on). It is built in the "
+                             "background, about a minute of one core on a 2-core CPU, while requests are served by "
+                             "the uncompiled step; a compiler that fails leaves the uncompiled step")
     parser.add_argument("--device", default="cpu")
     add_inference_args(parser)
     args = parser.parse_args(argv)

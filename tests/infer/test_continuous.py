@@ -157,3 +157,29 @@ def test_logprobs_are_the_models_and_the_top_list_is_sorted(model) -> None:
     for lp, token in zip(greedy.logprobs, greedy.tokens):
         assert [t for t, _ in lp.top][0] == token and lp.logprob == pytest.approx(lp.top[0][1])  # greedy = top 1
         assert len(lp.top) == 3 and [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+
+
+def test_decode_step_says_eager_compiled_or_why_compiling_failed(monkeypatch, model) -> None:
+    from scratchllm.infer import slot_forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(slot_forward.torch, "compile",  # dynamo's eager backend: the tracing, not inductor's minutes
+                        lambda fn, **kwargs: real_compile(fn, backend="eager", dynamic=True))
+    assert ContinuousEngine(model, STOP, max_batch=2).decode_step == "eager"
+    engine = ContinuousEngine(model, STOP, max_batch=2, compile=True)
+    assert engine.forward.wait_compiled()
+    assert engine.decode_step == "compiled"
+
+    def broken_compile(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("no C++ compiler")
+        return compiled
+
+    monkeypatch.setattr(slot_forward.torch, "compile", broken_compile)
+    with pytest.warns(RuntimeWarning, match="no C..? compiler"):
+        engine = ContinuousEngine(model, STOP, max_batch=2, compile=True)
+        engine.forward.wait_compiled()
+    assert engine.decode_step == "eager (compile failed: RuntimeError: no C++ compiler)"
+    requests = _requests(3)
+    _run(engine, requests, every=1)
+    assert all(r.finish is not None and not r.errors for r in requests)

@@ -107,7 +107,7 @@ def test_32_concurrent_streams_among_16_bad_requests_equal_their_solo_runs(world
     assert len(good) == 32 and all(400 <= together[i] < 500 for i in range(2, 48, 3)), together
     assert {i: ask(i) for i in good} == good  # each equals its solo run
     assert len(set(good.values())) > 1  # independent outputs, not one reply copied to everyone
-    assert httpx.get(f"{base}/health").json() == {"status": "ok", "queued": 0, "decoding": 0}
+    assert httpx.get(f"{base}/health").json() == {"status": "ok", "queued": 0, "decoding": 0, "decode_step": "eager"}
 
 
 def test_chat_page_served(world) -> None:
