@@ -1,6 +1,6 @@
 """Decode throughput: the serving engine vs `transformers` `generate` on the same weights, and the KV cache vs none.
 
-    python benchmarks/bench_decode.py [--preset mini] [--batches 1 8 32] [--new 128] [--threads 2]
+    python benchmarks/bench_decode.py [--preset mini] [--batches 1 8 32] [--new 128] [--threads 2] [--no-compile]
     python benchmarks/bench_decode.py --recompute [--new 256 1024]    # the KV-cache section only
 
 Engine vs transformers (the reference): a random-init model exported with export/hf.py and loaded as
@@ -12,7 +12,8 @@ as a server builds it at start. Our side is infer/continuous.py (what `scratchll
 and infer/engine.py `generate` (evaluation and RL rollouts). The share of rows whose greedy tokens equal
 transformers' is printed beside the speed: a fast engine that decodes something else proves nothing.
 
---per-step adds CPU milliseconds per decode step: the weight matmuls alone (the floor), ours, transformers.
+--per-step adds CPU milliseconds per decode step: the weight matmuls alone as F.linear runs them (what transformers'
+step pays for them; ours runs them on (in, out) copies, faster for a few rows), ours, transformers.
 
 --recompute: with the cache each step is one position (linear), without it every step re-runs the whole sequence
 (quadratic); prints the ratio cache / no-cache.
@@ -139,7 +140,7 @@ def against_transformers(args: argparse.Namespace) -> None:
 
 def per_step(model: GPT, hf, batch: int, rounds: int, compile: bool = False) -> dict[str, float]:
     """CPU ms per decode step at `batch` (best of `rounds`): the weight matmuls alone (every projection and the
-    lm_head once, as F.linear on the model's weights: the floor both sides pay), our engine's step, and
+    lm_head once, as F.linear on the model's weights: what transformers pays for them), our engine's step, and
     transformers' generate per token (the difference of a 96- and a 32-token generate, over 64)."""
     import torch.nn.functional as F
 
@@ -216,8 +217,9 @@ def main() -> None:
     parser.add_argument("--recompute", action="store_true", help="the KV cache vs full recompute instead")
     parser.add_argument("--per-step", action="store_true", help="also CPU ms per decode step: the weight matmuls "
                         "alone, ours, transformers (where the step's time goes)")
-    parser.add_argument("--compile", action="store_true", help="the serving engine's decode step via torch.compile "
-                        "(built before the timings; the time it took is printed)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="the serving engine's decode step via torch.compile, as `scratchllm serve` runs it by "
+                        "default (built before the timings; the time it took is printed); --no-compile: uncompiled")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.recompute:
