@@ -150,10 +150,12 @@ def test_a_compiler_that_fails_leaves_the_step_eager(monkeypatch) -> None:
     assert torch.equal(logits, expected)
 
 
+@pytest.mark.parametrize("kv_len_step", [1, 16])
 def test_the_step_compiled_in_the_background_serves_other_batch_sizes_and_lengths_without_recompiling(
-        monkeypatch) -> None:
+        monkeypatch, kv_len_step) -> None:
     """Built on a scratch cache at batch 1 and 2, the compiled step then runs this forward's own cache at other
-    sizes and lengths with no new graph (dynamo's eager backend: the tracing and guards, not inductor's minutes)."""
+    sizes and lengths with no new graph (dynamo's eager backend: the tracing and guards, not inductor's minutes).
+    kv_len_step 16: the keys read rounded up as for CUDA graphs; the extra keys are masked."""
     import torch._dynamo
 
     real_compile = torch.compile
@@ -165,6 +167,7 @@ def test_the_step_compiled_in_the_background_serves_other_batch_sizes_and_length
     fwd = SlotForward(model, SlotKVCache(model.config, 3, 96, K), compile=True)
     eager = _forward(model, n_slots=3)
     assert fwd.wait_compiled(), fwd.compile_error
+    fwd.kv_len_step = kv_len_step
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     g = torch.Generator().manual_seed(4)
     with torch.inference_mode():
