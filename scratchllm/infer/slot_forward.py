@@ -158,7 +158,9 @@ class SlotForward:
         in `compile_error`, and the step stays eager."""
         scratch = copy.copy(self)
         scratch.cache = copy.copy(self.cache)
-        scratch.cache.kv = [torch.zeros_like(flat) for flat in self.cache.kv]
+        # subtle: an inference-mode tensor (a cache made under torch.inference_mode) is another graph's input
+        with torch.inference_mode(self.cache.kv[0].is_inference()):
+            scratch.cache.kv = [torch.zeros_like(flat) for flat in self.cache.kv]
         compiled = torch.compile(type(self)._decode, dynamic=True,
                                  mode="reduce-overhead" if self.cuda_graphs else None)
         device = self.slot_rows.device

@@ -154,21 +154,32 @@ def test_a_compiler_that_fails_leaves_the_step_eager(monkeypatch) -> None:
 def test_the_step_compiled_in_the_background_serves_other_batch_sizes_and_lengths_without_recompiling(
         monkeypatch, kv_len_step) -> None:
     """Built on a scratch cache at batch 1 and 2, the compiled step then runs this forward's own cache at other
-    sizes and lengths with no new graph (dynamo's eager backend: the tracing and guards, not inductor's minutes).
-    kv_len_step 16: the keys read rounded up as for CUDA graphs; the extra keys are masked."""
+    sizes and lengths with no new graph (dynamo with its eager backend: the tracing and guards, not inductor's
+    minutes).
+    kv_len_step 16: the keys read rounded up as for CUDA graphs (the extra keys are masked), and the cache made under
+    inference_mode."""
     import torch._dynamo
+
+    runs = []
+
+    def counting_backend(graph, example_inputs):  # dynamo's eager backend, counting the graphs it runs
+        def run(*args):
+            runs.append(1)
+            return graph(*args)
+        return run
 
     real_compile = torch.compile
     monkeypatch.setattr(slot_forward_module.torch, "compile",
-                        lambda fn, **kwargs: real_compile(fn, backend="eager", dynamic=True))
+                        lambda fn, **kwargs: real_compile(fn, backend=counting_backend, dynamic=True))
     torch._dynamo.reset()
     model = _model()
     K = model.layers[0].self_attn.n_kv_heads
-    fwd = SlotForward(model, SlotKVCache(model.config, 3, 96, K), compile=True)
+    with torch.inference_mode(kv_len_step > 1):
+        fwd = SlotForward(model, SlotKVCache(model.config, 3, 96, K), compile=True)
     eager = _forward(model, n_slots=3)
     assert fwd.wait_compiled(), fwd.compile_error
     fwd.kv_len_step = kv_len_step
-    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    frames, runs[:] = torch._dynamo.utils.counters["stats"]["unique_graphs"], []
     g = torch.Generator().manual_seed(4)
     with torch.inference_mode():
         for B, n in ((1, 9), (3, 5), (2, 17)):
@@ -180,6 +191,7 @@ def test_the_step_compiled_in_the_background_serves_other_batch_sizes_and_length
             assert torch.allclose(logits, eager.decode(ids, lengths, n), atol=1e-5)
     assert fwd.compile_error is None
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # no graph built after the warm-up
+    assert len(runs) == 3  # and every step ran a compiled graph, none fell back to eager
 
 
 def _collector(prompt: list[int], out: list[int]):
