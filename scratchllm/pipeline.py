@@ -98,7 +98,7 @@ TOY_STEPS: dict[str, int] = {"pretrain": 6, "sft": 6, "reward": 6, "dpo": 4, "pp
 # run in README.md (its report's cost table): the pipeline's estimate before a stage starts. Measured, not
 # promised: a different preset or --work-scale changes them, and the pipeline prints what each stage took.
 EXPECTED_REFERENCE_STEPS: dict[str, float] = {"tokenizer": 7, "pretrain": 391, "sft": 83, "reward": 54, "dpo": 45,
-                                              "ppo": 79, "grpo": 188, "report": 88}
+                                              "ppo": 79, "grpo": 340, "report": 88}
 
 
 def route_overrides(extra: list[str]) -> dict[str, list[str]]:

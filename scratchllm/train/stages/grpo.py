@@ -45,7 +45,7 @@ from scratchllm.train.losses import (
 from scratchllm.train.rollout import rollout_seed, sample_rollouts
 from scratchllm.train.stages.runner import base_sections, run_stage, stage_main
 
-DEFAULT_LOOP = LoopConfig(max_steps=100, batch_size=1, eval_every=0, checkpoint_every=50, log_every=1)
+DEFAULT_LOOP = LoopConfig(max_steps=200, batch_size=1, eval_every=0, checkpoint_every=100, log_every=1)
 DEFAULT_OPTIM = OptimConfig(lr=5e-5, warmup_steps=3, weight_decay=0.0, min_lr_ratio=1.0, grad_clip=1.0)
 
 
