@@ -21,6 +21,14 @@ def test_a_bad_setting_is_one_line_and_exit_code_2() -> None:
         "scratchllm pretrain: error: --loop.log_every=0 is out of range: allowed >= 1 (--debug shows the traceback)"]
 
 
+def test_a_bad_model_setting_in_model_info_is_the_same_one_line(capsys) -> None:
+    """`model info` used to print argparse's usage block before the error; now it goes the one way every command does."""
+    assert main(["model", "info", "--model.d_model=100"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["scratchllm model: error: --model.d_model=100 must be divisible by --model.n_heads=12 "
+                   "(--debug shows the traceback)"]
+
+
 def test_debug_shows_the_traceback() -> None:
     from scratchllm.config import ConfigError
 

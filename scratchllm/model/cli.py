@@ -9,7 +9,6 @@ import argparse
 
 from scratchllm.config import (
     MODEL_PRESETS,
-    ConfigError,
     ModelConfig,
     TokenizerConfig,
     apply_overrides,
@@ -60,10 +59,8 @@ def main(argv: list[str]) -> int:
     bad = [o for o in overrides if not o.startswith("--model.")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like --model.n_experts=4)")
-    try:
-        print(f"preset {args.preset}: {model_config(args.preset, args.vocab_size, overrides)}")
-    except ConfigError as err:
-        parser.error(str(err))
+    # a ConfigError reaches __main__'s one place for user errors: one line, exit 2, like every other command
+    print(f"preset {args.preset}: {model_config(args.preset, args.vocab_size, overrides)}")
     for name, value in describe(args.preset, args.vocab_size, args.seq_len, overrides):
         print(f"  {name:28s} {value / 1e6:10.3f} M")
     return 0
