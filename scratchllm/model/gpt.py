@@ -113,11 +113,18 @@ class GPT(nn.Module):
         positions: Tensor | None = None,
         attention_mask: Tensor | None = None,
         last_only: bool = False,
+        logits_at: Tensor | None = None,
     ) -> Tensor:
         """ids (B, T) -> logits (B, T, V) in float32; (B, 1, V) with `last_only` (a prefill needs no more, and
-        the vocabulary projection is a quarter of a small model's compute)."""
+        the vocabulary projection is a quarter of a small model's compute); (N, V) with `logits_at`, a (B, T) bool
+        mask, for its N True positions in row-major order (RL scores reply tokens only: most positions of a
+        prompt + reply row are prompt)."""
         hidden = self.forward_hidden(ids, kv_cache, positions, attention_mask)
-        return self.lm_head(hidden[:, -1:] if last_only else hidden).float()
+        if logits_at is not None:
+            hidden = hidden[logits_at]
+        elif last_only:
+            hidden = hidden[:, -1:]
+        return self.lm_head(hidden).float()
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once by parameters()

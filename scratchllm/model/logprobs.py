@@ -32,15 +32,19 @@ def response_token_logprobs(
 ) -> tuple[Tensor, Tensor]:
     """Log-probs of ids[:, 1:] under model, (B, T-1), and the mask aligned to them, response_mask[:, 1:] (B, T-1).
 
+    Only the masked positions are scored (0 elsewhere): the vocabulary projection and its softmax run on the reply
+    tokens alone, not on every prompt token (`GPT.forward(logits_at=...)`), which in an RL batch of short replies
+    to longer prompts is most of the head's work and nearly all of its memory.
     ids (B, T) prompt + response, right-padded (pads sit after every scored token, so causal attention never
     lets a scored token see them); pass attention_mask (B, T), True = real token, for left-padded rows.
     """
-    inputs = ids[:, :-1]
+    inputs, targets, mask = ids[:, :-1], ids[:, 1:], response_mask[:, 1:].bool()
     if attention_mask is None:
-        logits = model(inputs)
+        logits = model(inputs, logits_at=mask)  # (N, V) for the N scored positions
     else:
-        logits = model(inputs, attention_mask=attention_mask[:, :-1])
-    return token_logprobs(logits, ids[:, 1:]), response_mask[:, 1:].bool()
+        logits = model(inputs, attention_mask=attention_mask[:, :-1], logits_at=mask)
+    scored = token_logprobs(logits[None], targets[mask][None])[0]  # (N,)
+    return torch.zeros(mask.shape, dtype=scored.dtype, device=scored.device).masked_scatter(mask, scored), mask
 
 
 def response_token_kl(model: nn.Module, reference: nn.Module, ids: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -48,10 +52,11 @@ def response_token_kl(model: nn.Module, reference: nn.Module, ids: Tensor, respo
     (B, T-1), with the aligned mask (B, T-1). Summed over the whole vocabulary rather than estimated from the one
     token in the row, so it is never negative (k1 on a single token is, whenever π_ref gave that token more
     probability than π does: greedy replies after training make that common)."""
-    logp = torch.log_softmax(model(ids[:, :-1]).float(), dim=-1)  # (B, T-1, V)
-    ref_logp = torch.log_softmax(reference(ids[:, :-1]).float(), dim=-1)
-    kl = (logp.exp() * (logp - ref_logp)).sum(-1)
-    return kl.clamp_min(0.0), response_mask[:, 1:].bool()  # clamp: float rounding only, the sum itself is >= 0
+    mask = response_mask[:, 1:].bool()
+    logp = torch.log_softmax(model(ids[:, :-1], logits_at=mask).float(), dim=-1)  # (N, V) at the N reply tokens
+    ref_logp = torch.log_softmax(reference(ids[:, :-1], logits_at=mask).float(), dim=-1)
+    kl = (logp.exp() * (logp - ref_logp)).sum(-1).clamp_min(0.0)  # clamp: float rounding only, the sum is >= 0
+    return torch.zeros(mask.shape, dtype=kl.dtype, device=kl.device).masked_scatter(mask, kl), mask
 
 
 def sequence_logprobs(

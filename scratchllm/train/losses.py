@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def masked_mean(x: Tensor, mask: Tensor | None, dim: int | None = None) -> Tensor:
@@ -32,6 +32,17 @@ def cross_entropy_loss(logits: Tensor, targets: Tensor, mask: Tensor | None = No
     """
     per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
     return masked_mean(per_token, None if mask is None else mask.flatten())
+
+
+def masked_lm_loss(model: nn.Module, ids: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
+    """`cross_entropy_loss(model(ids), targets, mask)` with the vocabulary projection and its softmax computed at
+    the counted positions only (`GPT.forward(logits_at=...)`). SFT rows and pretraining's task rows count the
+    replies alone, and the projection is a quarter of a small model's compute: no need to pay it on prompts."""
+    if mask is None:
+        return cross_entropy_loss(model(ids), targets)
+    mask = mask.bool()
+    summed = F.cross_entropy(model(ids, logits_at=mask).float(), targets[mask], reduction="sum")
+    return summed / mask.sum().clamp(min=1)  # 0 where nothing counts, as masked_mean
 
 
 def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor, margin: float = 0.0) -> tuple[Tensor, dict[str, float]]:

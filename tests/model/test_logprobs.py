@@ -94,10 +94,32 @@ def test_response_token_kl_is_the_exact_kl_and_never_negative() -> None:
     assert torch.equal(m, mask[:, 1:]) and (kl >= 0).all()
     p = torch.log_softmax(policy(ids[:, :-1]), -1)
     q = torch.log_softmax(reference(ids[:, :-1]), -1)
-    for b in range(3):  # one position at a time, straight from the definition
+    for b in range(3):  # one position at a time, straight from the definition; 0 where nothing is scored
         for t in range(8):
-            assert torch.isclose(kl[b, t], sum(p[b, t, v].exp() * (p[b, t, v] - q[b, t, v]) for v in range(40)), atol=1e-5)
+            exact = sum(p[b, t, v].exp() * (p[b, t, v] - q[b, t, v]) for v in range(40)) if m[b, t] else torch.tensor(0.0)
+            assert torch.isclose(kl[b, t], exact, atol=1e-5)
     k1 = response_token_logprobs(policy, ids, mask)[0] - response_token_logprobs(reference, ids, mask)[0]
     assert (k1[m] < 0).any()  # the single-token estimate goes negative on these rows; the exact KL does not
     same, _ = response_token_kl(policy, policy, ids, mask)
     assert torch.allclose(same, torch.zeros_like(same), atol=1e-6)
+
+
+def test_logits_at_selected_positions_equal_the_full_logits_there_with_the_same_gradient() -> None:
+    # RL and SFT losses project only the scored positions onto the vocabulary; nothing else may change.
+    torch.manual_seed(0)
+    model = GPT(model_preset("tiny", vocab_size=50))
+    ids = torch.randint(0, 50, (3, 10))
+    at = torch.rand(3, 10) < 0.4
+    selected = model(ids, logits_at=at)
+    full = model(ids)
+    assert selected.shape == (int(at.sum()), 50)
+    assert torch.allclose(selected, full[at], atol=1e-6)
+    weights = torch.randn_like(selected)
+    grad_selected = torch.autograd.grad((selected * weights).sum(), model.parameters())
+    grad_full = torch.autograd.grad((full[at] * weights).sum(), model.parameters())
+    for a, b in zip(grad_selected, grad_full):
+        assert torch.allclose(a, b, atol=1e-5)
+    logprobs, mask = response_token_logprobs(model, ids, at)
+    assert (logprobs[~mask] == 0).all()
+    expected = torch.log_softmax(full[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert torch.allclose(logprobs[mask], expected[mask], atol=1e-5)

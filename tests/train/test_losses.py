@@ -20,6 +20,7 @@ from scratchllm.train.losses import (
     grpo_loss,
     kl_k1,
     kl_k3,
+    masked_lm_loss,
     mean_per_reply,
     mean_per_token,
     per_max_len,
@@ -37,6 +38,23 @@ def test_cross_entropy_respects_mask() -> None:
     logits = torch.tensor([[[0.0, 0.0], [10.0, -10.0]]])
     targets = torch.tensor([[0, 1]])
     assert math.isclose(float(cross_entropy_loss(logits, targets, torch.tensor([[True, False]]))), math.log(2), rel_tol=1e-6)
+
+
+def test_masked_lm_loss_is_cross_entropy_of_the_full_logits() -> None:
+    # The projection runs at the counted positions only; the loss and its gradient are the full forward's.
+    from scratchllm.config import model_preset
+    from scratchllm.model.gpt import GPT
+
+    torch.manual_seed(0)
+    model = GPT(model_preset("tiny", vocab_size=40))
+    ids, targets = torch.randint(0, 40, (2, 2, 12))
+    for mask in (torch.rand(2, 12) < 0.3, torch.zeros(2, 12, dtype=torch.bool), None):
+        fast = masked_lm_loss(model, ids, targets, mask)
+        full = cross_entropy_loss(model(ids), targets, mask)
+        assert torch.allclose(fast, full, atol=1e-6)
+        if mask is not None and mask.any():
+            for a, b in zip(torch.autograd.grad(fast, model.parameters()), torch.autograd.grad(full, model.parameters())):
+                assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_bradley_terry_known_answer() -> None:

@@ -29,7 +29,7 @@ from scratchllm.eval.metrics import copy_accuracy, evaluate_lm, token_byte_lengt
 from scratchllm.model.gpt import GPT
 from scratchllm.tokenizer.bpe import Tokenizer
 from scratchllm.train.loop import Stage
-from scratchllm.train.losses import cross_entropy_loss
+from scratchllm.train.losses import masked_lm_loss
 from scratchllm.train.stages.runner import base_sections, resolve_sections, run_stage, stage_main
 
 # The default run's pretraining: a fixed number of steps, the same model on every machine (docs/results.md).
@@ -77,7 +77,7 @@ class PretrainStage(Stage):
             yield batch
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        return cross_entropy_loss(model(batch["ids"]), batch["targets"], batch.get("mask")), {}
+        return masked_lm_loss(model, batch["ids"], batch["targets"], batch.get("mask")), {}
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         batches = sequential_windows(self.val_tokens, self.loop.seq_len, self.loop.batch_size, self.loop.eval_batches)

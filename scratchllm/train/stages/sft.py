@@ -29,7 +29,7 @@ from scratchllm.model.io import load_model
 from scratchllm.model.lora import maybe_inject_lora
 from scratchllm.tokenizer.bpe import Tokenizer
 from scratchllm.train.loop import Stage
-from scratchllm.train.losses import cross_entropy_loss
+from scratchllm.train.losses import cross_entropy_loss, masked_lm_loss
 from scratchllm.train.stages.pretrain import shard_for
 from scratchllm.train.stages.runner import base_sections, run_stage, stage_main
 
@@ -63,7 +63,7 @@ class SFTStage(Stage):
             yield batch
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        loss = cross_entropy_loss(model(batch["ids"]), batch["targets"], batch["mask"])
+        loss = masked_lm_loss(model, batch["ids"], batch["targets"], batch["mask"])
         if "text_ids" not in batch:
             return loss, {}
         text_loss = cross_entropy_loss(model(batch["text_ids"]), batch["text_targets"])
@@ -75,7 +75,7 @@ class SFTStage(Stage):
         for start in range(0, len(self.val_examples), self.loop.batch_size):
             batch = sft_batch(self.val_examples[start : start + self.loop.batch_size], self.tok.pad_id)
             n = int(batch["mask"].sum())
-            total += float(cross_entropy_loss(model(batch["ids"].to(device)), batch["targets"].to(device), batch["mask"].to(device))) * n
+            total += float(masked_lm_loss(model, batch["ids"].to(device), batch["targets"].to(device), batch["mask"].to(device))) * n
             count += n
         metrics = {"val_loss": total / max(count, 1)}
         if self.val_text is not None:  # the same windows pretraining evaluates on: forgetting shows here

@@ -102,6 +102,6 @@ def test_reply_only_chat_loss_counts_text_and_assistant_replies_only(tiny_world)
         assert torch.equal(batch["mask"][4 + row], torch.from_numpy(mask[start + 1 : start + 17]))
     logits = torch.randn(*batch["ids"].shape, tok.vocab_size, generator=torch.Generator().manual_seed(0))
     per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), reduction="none")
-    loss = stage.loss(lambda ids: logits, batch)[0]
+    loss = stage.loss(lambda ids, logits_at=None: logits if logits_at is None else logits[logits_at], batch)[0]
     assert torch.allclose(loss, per_token[batch["mask"].flatten()].mean())
     assert not torch.allclose(loss, per_token.mean())
