@@ -193,14 +193,18 @@ class GRPOStage(Stage):
         response_mask = pad_right(masks, 0).bool()
         device = next(self.policy.parameters()).device
         self.reference.to(device)
-        old, _ = response_token_logprobs(self.policy, ids.to(device), response_mask.to(device))
+        # One update per batch: π_old is the policy at the update itself, so the loss takes its own log-probs,
+        # detached, as π_old (ρ = 1, the gradient of ρ·Â is Â·∇log π) and this forward pass is not needed.
+        old = (response_token_logprobs(self.policy, ids.to(device), response_mask.to(device))[0]
+               if self.cfg.epochs > 1 else None)
         ref, _ = response_token_logprobs(self.reference, ids.to(device), response_mask.to(device))
         return {"ids": ids, "response_mask": response_mask, "old_logprobs": old, "ref_logprobs": ref,
                 "advantages": torch.tensor(advantages), "stats": stats}
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         logprobs, mask = response_token_logprobs(model, batch["ids"], batch["response_mask"])
-        loss, stats = grpo_loss(logprobs, batch["old_logprobs"], batch["ref_logprobs"], batch["advantages"].to(logprobs.device),
+        old = logprobs.detach() if batch["old_logprobs"] is None else batch["old_logprobs"]
+        loss, stats = grpo_loss(logprobs, old, batch["ref_logprobs"], batch["advantages"].to(logprobs.device),
                                 mask, self.cfg.clip_eps, self.cfg.kl_coef, self.average)
         stats = {**stats, **batch["stats"], "groups_dropped_total": float(self.groups_dropped)}
         if "ptx" in batch:  # GRPO-ptx: + γ · CE on chat conversations, which GRPO never samples

@@ -34,6 +34,28 @@ def test_grpo_raises_a_trivially_learnable_reward(sft_model, monkeypatch, tmp_pa
     assert all("groups_with_signal" in r for r in rows)
 
 
+def test_grpo_single_update_takes_pi_old_from_the_loss_forward_with_the_same_loss_and_gradient(sft_model) -> None:
+    # epochs = 1 skips the no-grad forward for π_old: the update must be the one a separate π_old gives.
+    root, data = sft_model
+    model, tok, _ = load_model(root / "sft" / "final")
+    tasks = read_tasks(data / "tasks_train.jsonl")
+    cfg = GRPOConfig(group_size=4, prompts_per_step=2, max_new_tokens=6, max_draws=2)
+    stage = grpo.GRPOStage(tok, model, copy.deepcopy(model), tasks, tasks[:4], cfg, seed=0,
+                           reward_fn=lambda text, task: float(len(text) % 2))
+    batch = stage._rollout_batch()
+    assert batch["old_logprobs"] is None
+    with torch.no_grad():
+        old = grpo.response_token_logprobs(model, batch["ids"], batch["response_mask"])[0]
+    results = []
+    for old_logprobs in (None, old):
+        loss, stats = stage.loss(model, {**batch, "old_logprobs": old_logprobs})
+        results.append((loss, torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad]), stats))
+    (loss_a, grads_a, stats_a), (loss_b, grads_b, stats_b) = results
+    assert torch.allclose(loss_a, loss_b, atol=1e-6) and stats_a["ratio_mean"] == pytest.approx(1.0)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_a, grads_b))
+    assert any(g.abs().sum() > 0 for g in grads_a)  # the batch had signal: the comparison is not of two zeros
+
+
 def test_grpo_dynamic_sampling_fills_the_batch_with_groups_that_carry_signal(sft_model) -> None:
     root, data = sft_model
     model, tok, _ = load_model(root / "sft" / "final")
@@ -48,7 +70,7 @@ def test_grpo_dynamic_sampling_fills_the_batch_with_groups_that_carry_signal(sft
     advantages = batch["advantages"].view(-1, cfg.group_size)
     assert batch["stats"]["draws"] > 1  # one draw of 3 tasks rarely holds 3 `add` groups
     assert len(advantages) <= cfg.prompts_per_step and (advantages.abs().sum(1) > 0).all()
-    assert batch["ids"].shape[0] == batch["old_logprobs"].shape[0] == advantages.numel()
+    assert batch["ids"].shape[0] == batch["ref_logprobs"].shape[0] == advantages.numel()
 
 
 def test_grpo_verifiers_are_selected_by_their_weights() -> None:
