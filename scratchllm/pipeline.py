@@ -170,7 +170,7 @@ def measure_speed(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     if path.exists() and not args.fresh:
         return json.loads(path.read_text())
     device = str(resolve_device(args.device))
-    step_s = measure_reference_step(steps=1 if args.toy else 3, device=device)
+    step_s = measure_reference_step(steps=1, warmup=1, device=device) if args.toy else measure_reference_step(device=device)
     speed = {"reference_step_s": round(step_s, 4), "reference_tokens_per_s": round(reference_tokens_per_s(step_s)),
              "device": device, "threads": torch_threads(), "cpu": platform.processor() or platform.machine()}
     save_json(path, speed)

@@ -25,8 +25,12 @@ REFERENCE_MODEL = ModelConfig(vocab_size=4096, d_model=384, n_layers=3, n_heads=
 REFERENCE_BATCH, REFERENCE_SEQ_LEN = 16, 256
 
 
-def measure_reference_step(steps: int = 3, device: str = "cpu") -> float:
-    """Median seconds of `steps` reference steps, after one warm-up step (allocations, kernel selection).
+def measure_reference_step(steps: int = 7, device: str = "cpu", warmup: int = 3) -> float:
+    """Median seconds of `steps` reference steps, after `warmup` untimed ones.
+
+    The first steps of a process run slow and uneven (allocations, kernel selection, the CPU's clock settling):
+    on a 2-core host the 2nd-4th steps took 0.64-1.46 s where later ones took 0.65-0.69 s, so a median of three
+    after one warm-up step read anywhere from 0.70 to 0.93 s, and the run's cost in these units moved by a third.
 
     Seeded and independent of the caller's random state: measuring never changes what a run trains."""
     with torch.random.fork_rng(devices=[]):
@@ -43,7 +47,8 @@ def measure_reference_step(steps: int = 3, device: str = "cpu") -> float:
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
 
-        step()
+        for _ in range(max(1, warmup)):
+            step()
         times = []
         for _ in range(max(1, steps)):
             start = time.perf_counter()
