@@ -41,7 +41,8 @@ def compare_checkpoints(
     checkpoints: dict[str, Path], reward_model: Path, data_dir: Path, quick: bool = False, device: str = "auto"
 ) -> dict[str, dict[str, float | str | None]]:
     dev = resolve_device(device)
-    n_val_convs, n_tasks, n_prefs, n_windows = (16, 22, 16, 2) if quick else (100, 480, 350, 16)  # all of prefs_val
+    # n_windows: batches of 16 x 256 held-out text tokens for bits-per-byte, as pretraining's own evaluation
+    n_val_convs, n_tasks, n_prefs, n_windows = (16, 22, 16, 2) if quick else (100, 480, 350, 8)  # all of prefs_val
     n_samples = 2 if quick else PPOConfig().eval_samples  # at least 2: the judge-agreement row compares replies
     grpo = GRPOConfig()  # sampled pass@1 as GRPO's own evaluation measures it: its temperature, tasks and k
     n_task_samples, n_sampled_tasks = (2, 11) if quick else (grpo.eval_samples, grpo.sampled_eval_tasks)

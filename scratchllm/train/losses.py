@@ -219,7 +219,7 @@ def per_max_len(max_len: int) -> Callable[[Tensor, Tensor], Tensor]:
 def grpo_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
-    ref_logprobs: Tensor,
+    ref_logprobs: Tensor | None,
     advantages: Tensor,
     mask: Tensor,
     clip_eps: float,
@@ -231,18 +231,20 @@ def grpo_loss(
     J = 1/G Σ_i 1/|o_i| Σ_t [min(ρ_t Â_i, clip(ρ_t, 1-ε, 1+ε) Â_i) - β·KL_k3], ρ_t = π/π_old per token.
     `average` turns the per-token terms into one number: `mean_per_reply` (the paper's, above), `mean_per_token`
     (DAPO) or `per_max_len(n)` (Dr. GRPO); each is a function here, not a string option (STYLE.md, after TRL).
-    logprobs/old/ref/mask (B, T); advantages (B,), one per reply.
+    logprobs/old/ref/mask (B, T); advantages (B,), one per reply. ref_logprobs None: no KL term (β = 0, as
+    DAPO and Dr. GRPO; the caller then needs no reference forward pass) and no "kl" in the stats.
     """
     ratio = torch.exp(logprobs - old_logprobs)
     adv = advantages[:, None]
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
-    kl = kl_k3(logprobs, ref_logprobs)  # eq. 4
-    loss = -average(surrogate - kl_coef * kl, mask)
+    kl = None if ref_logprobs is None else kl_k3(logprobs, ref_logprobs)  # eq. 4
+    loss = -average(surrogate if kl is None else surrogate - kl_coef * kl, mask)
     with torch.no_grad():
-        clip_frac = masked_mean(((ratio - 1).abs() > clip_eps).float(), mask)
-        mean_kl = masked_mean(kl, mask)
-        ratio_mean = masked_mean(ratio, mask)
-    return loss, {"kl": float(mean_kl), "clip_frac": float(clip_frac), "ratio_mean": float(ratio_mean)}
+        stats = {"clip_frac": float(masked_mean(((ratio - 1).abs() > clip_eps).float(), mask)),
+                 "ratio_mean": float(masked_mean(ratio, mask))}
+        if kl is not None:
+            stats["kl"] = float(masked_mean(kl, mask))
+    return loss, stats
 
 
 def distillation_loss(

@@ -144,6 +144,18 @@ def test_grpo_loss_reduces_to_pg_at_ratio_one() -> None:
     assert torch.allclose(logp.grad, torch.tensor([[-0.25, -0.25], [0.5, 0.0]]))
 
 
+def test_grpo_loss_without_reference_is_the_zero_beta_objective() -> None:
+    # ref_logprobs None (β = 0, no reference forward): the loss and gradient of kl_coef = 0 with any reference.
+    logp = torch.tensor([[-1.0, -0.5], [-2.0, -1.5]], requires_grad=True)
+    old, ref = torch.tensor([[-1.1, -0.4], [-2.0, -1.0]]), torch.tensor([[-3.0, -0.1], [-0.5, -1.5]])
+    mask, adv = torch.tensor([[True, True], [True, False]]), torch.tensor([1.0, -1.0])
+    without, stats = grpo_loss(logp, old, None, adv, mask, 0.2, kl_coef=0.5)
+    zero_beta, _ = grpo_loss(logp, old, ref, adv, mask, 0.2, kl_coef=0.0)
+    with_kl, _ = grpo_loss(logp, old, ref, adv, mask, 0.2, kl_coef=0.5)
+    assert "kl" not in stats and torch.allclose(without, zero_beta) and not torch.allclose(without, with_kl)
+    assert torch.allclose(torch.autograd.grad(without, logp)[0], torch.autograd.grad(zero_beta, logp)[0])
+
+
 def test_grpo_loss_normalisations_weigh_tokens_as_documented() -> None:
     # Reply 0: 4 tokens, Â = +1 (a long right reply); reply 1: 1 token, Â = +1 (a short right one). At ρ = 1,
     # no KL, the gradient on each token is minus its weight in the average.

@@ -28,7 +28,7 @@ from scratchllm.train.loop import Stage
 from scratchllm.train.losses import dpo_loss
 from scratchllm.train.stages.runner import base_sections, run_stage, stage_main
 
-DEFAULT_LOOP = LoopConfig(max_steps=60, batch_size=16, eval_every=0, checkpoint_every=30)
+DEFAULT_LOOP = LoopConfig(max_steps=40, batch_size=16, eval_every=0, checkpoint_every=20)
 DEFAULT_OPTIM = OptimConfig(lr=1e-4, warmup_steps=5, weight_decay=0.0, min_lr_ratio=0.1)
 
 

@@ -103,10 +103,14 @@ def token_average(cfg: GRPOConfig) -> Callable[[Tensor, Tensor], Tensor]:
 class GRPOStage(Stage):
     name = "grpo"
 
-    def __init__(self, tok: Tokenizer, policy: nn.Module, reference: nn.Module, train_tasks: list, val_tasks: list,
-                 cfg: GRPOConfig, seed: int, reward_fn=composite_reward) -> None:
-        """`policy`: the model the loop trains, which samples the rollouts; `reference`: a frozen copy for the KL."""
-        self.tok, self.reference, self.cfg, self.seed = tok, reference.eval().requires_grad_(False), cfg, seed
+    def __init__(self, tok: Tokenizer, policy: nn.Module, reference: nn.Module | None, train_tasks: list,
+                 val_tasks: list, cfg: GRPOConfig, seed: int, reward_fn=composite_reward) -> None:
+        """`policy`: the model the loop trains, which samples the rollouts; `reference`: a frozen copy for the KL
+        (None when `cfg.kl_coef` is 0: nothing reads it)."""
+        if reference is None and cfg.kl_coef > 0:
+            raise ValueError(f"--grpo.kl_coef={cfg.kl_coef} needs a reference model")
+        self.tok, self.cfg, self.seed = tok, cfg, seed
+        self.reference = None if reference is None else reference.eval().requires_grad_(False)
         self.policy = policy
         self.average = token_average(cfg)
         self.train_tasks, self.val_tasks, self.reward_fn = train_tasks, val_tasks, reward_fn
@@ -192,12 +196,13 @@ class GRPOStage(Stage):
         ids = pad_right(rows, self.tok.pad_id)  # (B, T) prompt + reply, right-padded
         response_mask = pad_right(masks, 0).bool()
         device = next(self.policy.parameters()).device
-        self.reference.to(device)
         # One update per batch: π_old is the policy at the update itself, so the loss takes its own log-probs,
         # detached, as π_old (ρ = 1, the gradient of ρ·Â is Â·∇log π) and this forward pass is not needed.
         old = (response_token_logprobs(self.policy, ids.to(device), response_mask.to(device))[0]
                if self.cfg.epochs > 1 else None)
-        ref, _ = response_token_logprobs(self.reference, ids.to(device), response_mask.to(device))
+        ref = None  # β = 0: no KL term, no reference forward pass
+        if self.reference is not None and self.cfg.kl_coef > 0:
+            ref = response_token_logprobs(self.reference.to(device), ids.to(device), response_mask.to(device))[0]
         return {"ids": ids, "response_mask": response_mask, "old_logprobs": old, "ref_logprobs": ref,
                 "advantages": torch.tensor(advantages), "stats": stats}
 
@@ -224,8 +229,10 @@ class GRPOStage(Stage):
             result |= {"pass_at_1_won": float(change.won), "pass_at_1_lost": float(change.lost),
                        "pass_at_1_p": change.p_value}
         if self.cfg.eval_samples > 0:  # what GRPO optimises: the sampling policy's accuracy, on held-out tasks
+            # seed 0 whatever the run's seed, as the pipeline's report: every run and checkpoint is measured on the
+            # same random draws, and the report's identical query is answered from memory (eval/chat_eval.py)
             result |= task_sampled_pass_at_1(model, self.tok, self.val_tasks[: self.cfg.sampled_eval_tasks],
-                                             self.cfg.eval_samples, self.cfg.temperature, self.cfg.max_new_tokens, seed=self.seed)
+                                             self.cfg.eval_samples, self.cfg.temperature, self.cfg.max_new_tokens, seed=0)
         result["groups_dropped_share"] = self.groups_dropped / max(self.groups_total, 1)
         if self.curriculum is not None:
             result |= {f"curriculum_p/{f}": p for f, p in self.curriculum.success.items()}
@@ -269,7 +276,7 @@ def build(init: Path, data_dir: Path, sections: dict[str, Any]) -> tuple[nn.Modu
     val_tasks = read_tasks(Path(data_dir) / "tasks_val.jsonl")[: sections["grpo"].eval_tasks]
     model, tok, _ = load_model(init)
     sections["model"] = model.config
-    reference = copy.deepcopy(model)
+    reference = copy.deepcopy(model) if sections["grpo"].kl_coef > 0 else None
     maybe_inject_lora(model, sections["lora"])
     stage = GRPOStage(tok, model, reference, train_tasks, val_tasks, sections["grpo"], sections["loop"].seed,
                       verifier_reward(sections["grpo"]))

@@ -49,7 +49,7 @@ from scratchllm.train.losses import (
 from scratchllm.train.rollout import Rollout, rollout_logprobs, rollout_seed, sample_rollouts
 from scratchllm.train.stages.runner import base_sections, run_stage, stage_main
 
-DEFAULT_LOOP = LoopConfig(max_steps=60, batch_size=1, eval_every=0, checkpoint_every=20, log_every=1)
+DEFAULT_LOOP = LoopConfig(max_steps=45, batch_size=1, eval_every=0, checkpoint_every=15, log_every=1)
 DEFAULT_OPTIM = OptimConfig(lr=2e-4, warmup_steps=3, weight_decay=0.0, min_lr_ratio=1.0, grad_clip=1.0)
 
 

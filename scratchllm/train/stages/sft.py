@@ -33,7 +33,8 @@ from scratchllm.train.losses import cross_entropy_loss, masked_lm_loss
 from scratchllm.train.stages.pretrain import shard_for
 from scratchllm.train.stages.runner import base_sections, run_stage, stage_main
 
-DEFAULT_LOOP = LoopConfig(max_steps=100, batch_size=32, eval_every=0, eval_batches=8, checkpoint_every=50)
+# 50 steps: pretraining's task rows already taught the reply format, SFT adds the chat conversations (docs/results.md)
+DEFAULT_LOOP = LoopConfig(max_steps=50, batch_size=32, eval_every=0, eval_batches=8, checkpoint_every=25)
 DEFAULT_OPTIM = OptimConfig(lr=1e-3, warmup_steps=20, weight_decay=0.0, min_lr_ratio=0.1)
 
 

@@ -54,6 +54,12 @@ def test_grpo_single_update_takes_pi_old_from_the_loss_forward_with_the_same_los
     assert torch.allclose(loss_a, loss_b, atol=1e-6) and stats_a["ratio_mean"] == pytest.approx(1.0)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_a, grads_b))
     assert any(g.abs().sum() > 0 for g in grads_a)  # the batch had signal: the comparison is not of two zeros
+    assert batch["ref_logprobs"] is None and "kl" not in stats_a  # β = 0 (the default): no reference pass
+    with_kl = grpo.GRPOStage(tok, model, copy.deepcopy(model), tasks, tasks[:4], GRPOConfig(**{**vars(cfg), "kl_coef": 0.05}),
+                             seed=0, reward_fn=lambda text, task: float(len(text) % 2))
+    batch = with_kl._rollout_batch()
+    assert batch["ref_logprobs"].shape == batch["response_mask"][:, 1:].shape
+    assert with_kl.loss(model, batch)[1]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy = reference before any step
 
 
 def test_grpo_dynamic_sampling_fills_the_batch_with_groups_that_carry_signal(sft_model) -> None:
@@ -70,7 +76,7 @@ def test_grpo_dynamic_sampling_fills_the_batch_with_groups_that_carry_signal(sft
     advantages = batch["advantages"].view(-1, cfg.group_size)
     assert batch["stats"]["draws"] > 1  # one draw of 3 tasks rarely holds 3 `add` groups
     assert len(advantages) <= cfg.prompts_per_step and (advantages.abs().sum(1) > 0).all()
-    assert batch["ids"].shape[0] == batch["ref_logprobs"].shape[0] == advantages.numel()
+    assert batch["ids"].shape[0] == batch["response_mask"].shape[0] == advantages.numel()
 
 
 def test_grpo_verifiers_are_selected_by_their_weights() -> None:
