@@ -43,7 +43,7 @@ ZERO_MEANS = {
     "ppo.value_coef": "value loss off", "ppo.eval_samples": "greedy only", "ppo.ptx_coef": "off",
     "grpo.kl_coef": "no KL", "grpo.format_weight": "off", "grpo.eval_samples": "off",
     "grpo.sampled_eval_tasks": "off", "grpo.curriculum_decay": "no memory", "grpo.ptx_coef": "off",
-    "grpo.ptx_batch": "with ptx_coef 0", "distill.alpha": "teacher only",
+    "distill.alpha": "teacher only",  # grpo.ptx_batch=0 is refused with the default ptx_coef, as ppo.ptx_batch
 }
 NEVER_ACCEPTED = {"-1", "-2.5", "nan", "inf", "1e400"}  # for any number field
 
