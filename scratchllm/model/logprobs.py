@@ -27,6 +27,11 @@ def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     return torch.stack(rows)
 
 
+def _at_positions(mask: Tensor, values: Tensor) -> Tensor:
+    """(B, T) tensor holding `values` (N,) at the N True positions of `mask`, row-major, and 0 elsewhere."""
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
+
+
 def response_token_logprobs(
     model: nn.Module, ids: Tensor, response_mask: Tensor, attention_mask: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -44,7 +49,7 @@ def response_token_logprobs(
     else:
         logits = model(inputs, attention_mask=attention_mask[:, :-1], logits_at=mask)
     scored = token_logprobs(logits[None], targets[mask][None])[0]  # (N,)
-    return torch.zeros(mask.shape, dtype=scored.dtype, device=scored.device).masked_scatter(mask, scored), mask
+    return _at_positions(mask, scored), mask
 
 
 def response_token_kl(model: nn.Module, reference: nn.Module, ids: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -56,7 +61,7 @@ def response_token_kl(model: nn.Module, reference: nn.Module, ids: Tensor, respo
     logp = torch.log_softmax(model(ids[:, :-1], logits_at=mask).float(), dim=-1)  # (N, V) at the N reply tokens
     ref_logp = torch.log_softmax(reference(ids[:, :-1], logits_at=mask).float(), dim=-1)
     kl = (logp.exp() * (logp - ref_logp)).sum(-1).clamp_min(0.0)  # clamp: float rounding only, the sum is >= 0
-    return torch.zeros(mask.shape, dtype=kl.dtype, device=kl.device).masked_scatter(mask, kl), mask
+    return _at_positions(mask, kl), mask
 
 
 def sequence_logprobs(

@@ -201,7 +201,7 @@ class GRPOStage(Stage):
         old = (response_token_logprobs(self.policy, ids.to(device), response_mask.to(device))[0]
                if self.cfg.epochs > 1 else None)
         ref = None  # β = 0: no KL term, no reference forward pass
-        if self.reference is not None and self.cfg.kl_coef > 0:
+        if self.cfg.kl_coef > 0:  # __init__ made sure a reference exists
             ref = response_token_logprobs(self.reference.to(device), ids.to(device), response_mask.to(device))[0]
         return {"ids": ids, "response_mask": response_mask, "old_logprobs": old, "ref_logprobs": ref,
                 "advantages": torch.tensor(advantages), "stats": stats}
