@@ -35,9 +35,9 @@ from scratchllm.model.lora import maybe_inject_lora
 from scratchllm.tokenizer.bpe import Tokenizer
 from scratchllm.train.loop import Stage
 from scratchllm.train.losses import (
-    cross_entropy_loss,
     grpo_advantages,
     grpo_loss,
+    masked_lm_loss,
     mean_per_reply,
     mean_per_token,
     per_max_len,
@@ -214,7 +214,7 @@ class GRPOStage(Stage):
         stats = {**stats, **batch["stats"], "groups_dropped_total": float(self.groups_dropped)}
         if "ptx" in batch:  # GRPO-ptx: + γ · CE on chat conversations, which GRPO never samples
             ptx = batch["ptx"]
-            ptx_loss = cross_entropy_loss(model(ptx["ids"]), ptx["targets"], ptx["mask"])
+            ptx_loss = masked_lm_loss(model, ptx["ids"], ptx["targets"], ptx["mask"])
             loss = loss + self.cfg.ptx_coef * ptx_loss
             stats["ptx_loss"] = float(ptx_loss.detach())
         return loss, stats

@@ -38,9 +38,9 @@ from scratchllm.tokenizer.bpe import Tokenizer
 from scratchllm.train import distributed as dist
 from scratchllm.train.loop import Stage
 from scratchllm.train.losses import (
-    cross_entropy_loss,
     gae,
     kl_k1,
+    masked_lm_loss,
     masked_mean,
     ppo_clip_loss,
     value_loss,
@@ -175,7 +175,7 @@ class PPOStage(Stage):
         loss = policy_loss + self.cfg.value_coef * v_loss
         if "ptx" in batch:  # PPO-ptx: + γ · CE on SFT replies keeps what SFT taught on prompts PPO never samples
             ptx = batch["ptx"]
-            ptx_loss = cross_entropy_loss(model.policy(ptx["ids"]), ptx["targets"], ptx["mask"])
+            ptx_loss = masked_lm_loss(model.policy, ptx["ids"], ptx["targets"], ptx["mask"])
             loss = loss + self.cfg.ptx_coef * ptx_loss
             stats["ptx_loss"] = float(ptx_loss.detach())
         return loss, stats
