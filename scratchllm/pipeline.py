@@ -97,8 +97,8 @@ TOY_STEPS: dict[str, int] = {"pretrain": 6, "sft": 6, "reward": 6, "dpo": 4, "pp
 # What each stage costs on any machine, in reference steps (train/reference_step.py), measured from the default
 # run in README.md (its report's cost table): the pipeline's estimate before a stage starts. Measured, not
 # promised: a different preset or --work-scale changes them, and the pipeline prints what each stage took.
-EXPECTED_REFERENCE_STEPS: dict[str, float] = {"tokenizer": 7, "pretrain": 331, "sft": 42, "reward": 38, "dpo": 30,
-                                              "ppo": 61, "grpo": 196, "report": 66}
+EXPECTED_REFERENCE_STEPS: dict[str, float] = {"tokenizer": 6, "pretrain": 325, "sft": 40, "reward": 38, "dpo": 28,
+                                              "ppo": 60, "grpo": 189, "report": 66}
 
 
 def route_overrides(extra: list[str]) -> dict[str, list[str]]:
